@@ -1,0 +1,122 @@
+"""The ``tokyo-ia`` command."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from . import __version__
+from .config import Config, default_config, load_config
+from .errors import ConfigError
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _load(path: str | None) -> Config:
+    path = path or os.environ.get("TOKYO_IA_CONFIG")
+    return load_config(path) if path else default_config()
+
+
+def _banner(config: Config, host: str, port: int, workers: int, source: str) -> str:
+    shown_host = f"[{host}]" if ":" in host else host
+    lines = [
+        f"Tokyo-IA {__version__} listening on http://{shown_host}:{port} "
+        f"({workers} worker{'s' if workers > 1 else ''}, config: {source})",
+        "models:",
+    ]
+    for public, deployments in config.models.items():
+        route = " -> ".join(f"{d.provider}/{d.model}" for d in deployments)
+        lines.append(f"  {public:<24} {route}")
+    if not config.auth.enabled:
+        lines.append(
+            "auth: OFF (no master key or keys configured) - open to anyone who can reach "
+            f"{shown_host}:{port}; set auth.master_key to require keys"
+        )
+    return "\n".join(lines)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    config = _load(args.config)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    workers = args.workers or config.server.workers
+    insecure = args.insecure or config.server.insecure
+    if not config.auth.enabled and not _is_loopback(host) and not insecure:
+        raise ConfigError(
+            f"refusing to listen on {host} with no authentication configured: anyone on the "
+            "network could use your providers. Set auth.master_key (or auth.keys), bind "
+            "127.0.0.1, or pass --insecure if this is really what you want"
+        )
+    source = str(Path(args.config).resolve()) if args.config else (
+        os.environ.get("TOKYO_IA_CONFIG") or "embedded default"
+    )
+    print(_banner(config, host, port, workers, source), flush=True)
+    common = {
+        "host": host,
+        "port": port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
+        "server_header": False,
+        "log_level": args.log_level,
+        "timeout_graceful_shutdown": config.server.graceful_timeout_s,
+    }
+    if workers > 1:
+        if args.config:
+            os.environ["TOKYO_IA_CONFIG"] = str(Path(args.config).resolve())
+        uvicorn.run("tokyo_ia.server:create_app_from_env", factory=True, workers=workers, **common)
+    else:
+        from .server import create_app
+
+        uvicorn.run(create_app(config), **common)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    print(f"ok: {len(config.providers)} providers, {len(config.models)} models")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokyo-ia", description="Self-hosted AI gateway")
+    parser.add_argument("--version", action="version", version=f"tokyo-ia {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the gateway")
+    serve.add_argument("--config", help="YAML config file (default: $TOKYO_IA_CONFIG or embedded)")
+    serve.add_argument("--host", help="address to bind (default: server.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to bind (default: server.port, 8080)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
+    serve.add_argument("--insecure", action="store_true", help="allow a public bind without auth")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("--config", help="YAML config file (default: $TOKYO_IA_CONFIG or embedded)")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"tokyo-ia: error: {exc}", file=sys.stderr)
+        return 2

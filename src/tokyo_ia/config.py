@@ -1,0 +1,263 @@
+"""Typed configuration, validated once at start-up.
+
+The YAML file follows the contract in DESIGN.md ("Configuration contract"). String values may
+reference credentials instead of embedding them:
+
+- ``${env:NAME}`` (or ``${env:NAME:-default}``): an environment variable;
+- ``${file:/path}``: the content of a file (Docker/Kubernetes mounted secrets), stripped;
+- ``${secret:NAME}``: a secret from the secrets directory (``secrets.dir``, default
+  ``/run/secrets``), falling back to the environment variable ``NAME`` upper-cased with ``-``
+  turned into ``_``.
+
+Unknown keys are rejected, and every error names the exact key and what to do about it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from .errors import ConfigError
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    workers: int = Field(1, ge=1, le=256)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    graceful_timeout_s: float = Field(30.0, ge=0)
+    insecure: bool = False
+
+
+class StoreConfig(_Strict):
+    url: str = "sqlite+aiosqlite:///./tokyo-ia.db"
+
+
+class RedisConfig(_Strict):
+    url: str | None = None
+
+
+class CacheConfig(_Strict):
+    backend: Literal["memory", "redis"] = "memory"
+    ttl_s: float = Field(3600, gt=0)
+    max_bytes: int = Field(268435456, gt=0)
+    coalesce: bool = True
+
+
+class StaticKeyConfig(_Strict):
+    key: SecretStr
+    name: str
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    rpm: int | None = Field(None, ge=1)
+
+
+class AuthConfig(_Strict):
+    master_key: SecretStr | None = None
+    keys: list[StaticKeyConfig] = Field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        return self.master_key is not None or bool(self.keys)
+
+
+class SecretsConfig(_Strict):
+    dir: str = "/run/secrets"
+
+
+class ProviderConfig(_Strict):
+    """Settings every provider kind accepts. Provider modules subclass it for their extras."""
+
+    kind: str
+    api_key: SecretStr | None = None
+    base_url: str | None = None
+    timeout_s: float = Field(600.0, gt=0, description="total time for one upstream call")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float | None = Field(
+        None, gt=0, description="longest silence between two reads (streams)"
+    )
+    max_connections: int = Field(100, ge=1)
+    keepalive_s: float = Field(60.0, ge=0)
+    rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class DeploymentConfig(_Strict):
+    provider: str
+    model: str
+    weight: float = Field(1.0, gt=0)
+    priority: int = 0
+
+
+class Config(_Strict):
+    server: ServerConfig = Field(default_factory=ServerConfig)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    redis: RedisConfig = Field(default_factory=RedisConfig)
+    cache: CacheConfig | None = None
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    secrets: SecretsConfig = Field(default_factory=SecretsConfig)
+    providers: dict[str, ProviderConfig] = Field(default_factory=dict)
+    models: dict[str, list[DeploymentConfig]] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_providers(cls, data: Any) -> Any:
+        """Validate each provider section against its kind's own settings model."""
+        from .providers.registry import settings_model_for
+
+        if not isinstance(data, dict) or not isinstance(data.get("providers"), dict):
+            return data
+        providers = {}
+        for name, section in data["providers"].items():
+            if isinstance(section, dict) and "kind" in section:
+                model = settings_model_for(str(section["kind"]), f"providers.{name}.kind")
+                try:
+                    providers[name] = model.model_validate(section)
+                except ValidationError as exc:
+                    raise ConfigError(_format_validation(exc, prefix=f"providers.{name}")) from None
+            else:
+                providers[name] = section
+        return {**data, "providers": providers}
+
+    @model_validator(mode="after")
+    def _check_references(self) -> Config:
+        for public, deployments in self.models.items():
+            if not deployments:
+                raise ValueError(
+                    f"models.{public}: lists no deployment; add at least one "
+                    "{provider: NAME, model: UPSTREAM_MODEL} or remove the model"
+                )
+            for i, dep in enumerate(deployments):
+                if dep.provider not in self.providers:
+                    known = ", ".join(sorted(self.providers)) or "none"
+                    raise ValueError(
+                        f"models.{public}[{i}].provider: '{dep.provider}' is not a configured "
+                        f"provider; add providers.{dep.provider} or use one of: {known}"
+                    )
+        return self
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+
+_REF = re.compile(r"\$\{(env|file|secret):([^}]*)\}")
+
+
+class _Resolver:
+    def __init__(self, secrets_dir: str) -> None:
+        self.secrets_dir = secrets_dir
+
+    def resolve(self, value: Any, path: str) -> Any:
+        if isinstance(value, dict):
+            return {k: self.resolve(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self.resolve(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        if isinstance(value, str) and "${" in value:
+            return self._substitute(value, path)
+        return value
+
+    def _substitute(self, text: str, path: str) -> str:
+        return _REF.sub(lambda m: self._one(m.group(1), m.group(2), path), text)
+
+    def _one(self, kind: str, ref: str, path: str) -> str:
+        if kind == "env":
+            name, _, default = ref.partition(":-")
+            value = os.environ.get(name)
+            if value is None or value == "":
+                if ":-" in ref:
+                    return default
+                raise ConfigError(
+                    f"{path}: environment variable {name} is not set; export {name}=... "
+                    f"or write ${{env:{name}:-default}} to make it optional"
+                )
+            return value
+        if kind == "file":
+            try:
+                return Path(ref).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"{path}: cannot read secret file {ref} ({exc.strerror}); "
+                    "mount the file or change the path"
+                ) from None
+        candidate = Path(self.secrets_dir) / ref
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8").strip()
+        env_name = ref.upper().replace("-", "_").replace(".", "_")
+        if os.environ.get(env_name):
+            return os.environ[env_name]
+        raise ConfigError(
+            f"{path}: secret '{ref}' not found; put it in {candidate} "
+            f"or set the environment variable {env_name}"
+        )
+
+
+def _format_validation(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if p != "__root__")
+        key = ".".join(p for p in (prefix, loc) if p)
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key; remove it or check its spelling")
+        elif err["type"] == "missing":
+            lines.append(f"{key}: required key is missing; add it")
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict | list) else f" (got {got!r})"
+            lines.append(f"{key}: {msg}{shown}" if key else msg)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: Any, *, source: str = "<config>") -> Config:
+    """Validate an already-parsed mapping (references are resolved first)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (server, ...)")
+    secrets_dir = str((data.get("secrets") or {}).get("dir", "/run/secrets"))
+    resolved = _Resolver(secrets_dir).resolve(data, "")
+    try:
+        return Config.model_validate(resolved)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_validation(exc)}") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read config file {p} ({exc.strerror}); check the --config path"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(p))
+
+
+def default_config(environ: dict[str, str] | None = None) -> Config:
+    """The embedded default: demo provider plus each real provider whose key is set."""
+    from .providers.registry import embedded_defaults
+
+    env = os.environ if environ is None else environ
+    providers: dict[str, Any] = {}
+    models: dict[str, Any] = {}
+    for name, section, public_models in embedded_defaults(env):
+        providers[name] = section
+        for public, upstream in public_models.items():
+            models.setdefault(public, []).append({"provider": name, "model": upstream})
+    return parse_config({"providers": providers, "models": models}, source="embedded default")

@@ -1,0 +1,257 @@
+"""Upstream HTTP transport shared by the HTTP providers.
+
+One :class:`aiohttp.ClientSession` per provider per process, each with its own connector
+(pool limit, keep-alive) and timeouts from the provider's config. aiohttp exceptions are
+converted into the gateway's exception tree here, where they enter, so no other module
+needs to know aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from ..config import ProviderConfig
+from ..errors import (
+    UpstreamBadRequestError,
+    UpstreamError,
+    UpstreamRateLimitError,
+    UpstreamTimeoutError,
+)
+
+# Statuses after which another attempt (or another deployment) may succeed.
+RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
+
+
+@dataclass(slots=True)
+class SSEEvent:
+    event: str
+    data: str
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds to wait, from ``retry-after-ms`` or ``retry-after`` (seconds or HTTP date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        with contextlib.suppress(ValueError):
+            return max(0.0, float(ms) / 1000)
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    with contextlib.suppress(TypeError, ValueError):
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    return None
+
+
+def error_for_status(
+    provider: str,
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    retry_after: float | None = None,
+) -> UpstreamError:
+    """Map an upstream error status to the gateway's exception tree.
+
+    The caller's own mistakes (400, 413, 422) come back as 400 with the upstream's message;
+    the gateway's credentials or catalog being wrong (401, 403, 404) is the operator's
+    problem, so the client sees 502 with a message saying what to fix in the config.
+    """
+    text = f"provider '{provider}' returned {status}: {message}"
+    if status in (400, 413, 422):
+        return UpstreamBadRequestError(
+            text, provider=provider, upstream_status=status, code=code or "upstream_bad_request"
+        )
+    if status == 429:
+        return UpstreamRateLimitError(
+            text, provider=provider, upstream_status=status, retry_after=retry_after, code=code
+        )
+    if status in (401, 403):
+        return UpstreamError(
+            f"{text} (the gateway's credentials for '{provider}' were refused; "
+            f"check providers.{provider}.api_key)",
+            provider=provider,
+            upstream_status=status,
+            code="upstream_auth_failed",
+        )
+    if status == 404:
+        return UpstreamError(
+            f"{text} (check the model name of this deployment in the models section)",
+            provider=provider,
+            upstream_status=status,
+            code="upstream_not_found",
+        )
+    if status in (408, 504):
+        return UpstreamTimeoutError(text, provider=provider, upstream_status=status, code=code)
+    return UpstreamError(
+        text,
+        provider=provider,
+        upstream_status=status,
+        retryable=status in RETRYABLE_STATUSES,
+        retry_after=retry_after,
+        code=code or "upstream_error",
+    )
+
+
+class HTTPTransport:
+    """A pooled HTTP client for one provider."""
+
+    def __init__(self, provider: str, config: ProviderConfig, base_url: str) -> None:
+        self.provider = provider
+        self.config = config
+        self.base_url = base_url.rstrip("/")
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        if self._session is not None:
+            return
+        cfg = self.config
+        connector = aiohttp.TCPConnector(
+            limit=cfg.max_connections,
+            keepalive_timeout=cfg.keepalive_s if cfg.keepalive_s > 0 else None,
+            force_close=cfg.keepalive_s == 0,
+            enable_cleanup_closed=True,
+        )
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=cfg.timeout_s, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
+            ),
+            json_serialize=lambda o: orjson.dumps(o).decode(),
+            auto_decompress=True,
+            skip_auto_headers=("User-Agent",),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError(f"provider '{self.provider}' was used before start()")
+        return self._session
+
+    def _timeout(self, remaining: float | None) -> aiohttp.ClientTimeout | None:
+        if remaining is None or remaining >= self.config.timeout_s:
+            return None
+        return aiohttp.ClientTimeout(
+            total=max(0.001, remaining),
+            sock_connect=min(self.config.connect_timeout_s, max(0.001, remaining)),
+            sock_read=self.config.read_timeout_s,
+        )
+
+    def _convert(self, exc: BaseException, url: str) -> UpstreamError:
+        where = f"provider '{self.provider}' at {self.base_url}"
+        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+            return UpstreamTimeoutError(
+                f"{where} did not answer in time; raise providers.{self.provider}.timeout_s "
+                "or try again",
+                provider=self.provider,
+            )
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return UpstreamError(
+                f"cannot connect to {where}: {exc.os_error or exc}; check that it is running "
+                f"and that providers.{self.provider}.base_url is right",
+                provider=self.provider,
+                retryable=True,
+                code="upstream_unreachable",
+            )
+        return UpstreamError(
+            f"connection to {where} failed: {type(exc).__name__}: {exc}",
+            provider=self.provider,
+            retryable=True,
+            code="upstream_connection_error",
+        )
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        payload: Any = None,
+        headers: Mapping[str, str] | None = None,
+        remaining: float | None = None,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        """Send a request and read the whole body. Raises only UpstreamError subclasses."""
+        url = self.base_url + path
+        data = orjson.dumps(payload) if payload is not None else None
+        try:
+            async with self.session.request(
+                method, url, data=data, headers=headers, timeout=self._timeout(remaining)
+            ) as resp:
+                body = await resp.read()
+                return resp.status, resp.headers, body
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._convert(exc, url) from exc
+
+    @contextlib.asynccontextmanager
+    async def open_stream(
+        self,
+        path: str,
+        *,
+        payload: Any,
+        headers: Mapping[str, str] | None = None,
+        remaining: float | None = None,
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """POST and hand back the open response; leaving the block releases the connection.
+
+        If the block is left early (client gone, error), the connection is closed rather
+        than returned to the pool, so an abandoned upstream stream stops at once.
+        """
+        url = self.base_url + path
+        try:
+            resp = await self.session.post(
+                url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout(remaining)
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._convert(exc, url) from exc
+        finished = False
+        try:
+            yield resp
+            finished = True
+        finally:
+            if finished:
+                resp.release()
+            else:
+                resp.close()
+
+    async def sse_events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+        """Parse a ``text/event-stream`` body into events (per the WHATWG SSE rules)."""
+        event = ""
+        data: list[str] = []
+        try:
+            async for raw in resp.content:
+                line = raw.decode("utf-8").rstrip("\r\n")
+                if not line:
+                    if data:
+                        yield SSEEvent(event or "message", "\n".join(data))
+                    event, data = "", []
+                    continue
+                if line.startswith(":"):
+                    continue
+                name, _, value = line.partition(":")
+                if value.startswith(" "):
+                    value = value[1:]
+                if name == "data":
+                    data.append(value)
+                elif name == "event":
+                    event = value
+            if data:
+                yield SSEEvent(event or "message", "\n".join(data))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise self._convert(exc, self.base_url) from exc

@@ -1,0 +1,1 @@
+"""Choosing deployments: the catalog of public models and (later) strategies and rules."""

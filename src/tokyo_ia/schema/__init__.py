@@ -1,0 +1,1 @@
+"""Wire types of the canonical (OpenAI) format and the checks of the fields we read."""

@@ -1,0 +1,1 @@
+"""Authentication of callers, and (later) API keys, secrets and the audit trail."""

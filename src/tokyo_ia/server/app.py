@@ -1,0 +1,290 @@
+"""The ASGI application: parse, call the pipeline, write JSON or SSE.
+
+Plain ASGI rather than a framework: the hot path builds no request or response objects it
+does not need. Every exception is turned into an error response by ``render_error`` (one
+place); a stream that fails after its first byte ends with an error event instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from ..config import Config, default_config, load_config
+from ..errors import InvalidRequestError, NotFoundError, RequestTooLargeError
+from ..gateway import Gateway
+from ..pipeline import ChatStream, RequestContext
+from .errors import render_error, stream_error_event
+
+log = logging.getLogger("tokyo_ia.server")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+Reply = tuple[int, Any] | ChatStream
+Handler = Callable[["Request", RequestContext], Awaitable[Reply]]
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_JSON_HEADERS: Headers = [
+    (b"content-type", b"application/json"),
+    (b"x-content-type-options", b"nosniff"),
+]
+_SSE_HEADERS: Headers = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+    (b"x-content-type-options", b"nosniff"),
+]
+
+
+class MethodNotAllowedError(InvalidRequestError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class ClientDisconnected(Exception):
+    """The client went away while we were reading its request."""
+
+
+class Request:
+    __slots__ = ("scope", "receive", "headers", "max_body")
+
+    def __init__(self, scope: Scope, receive: Receive, max_body: int) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.headers: dict[bytes, bytes] = dict(scope["headers"])
+        self.max_body = max_body
+
+    def header(self, name: bytes) -> str | None:
+        value = self.headers.get(name)
+        return value.decode("latin-1") if value is not None else None
+
+    def api_key(self) -> str | None:
+        auth = self.headers.get(b"authorization")
+        if auth is not None:
+            scheme, _, token = auth.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+        key = self.headers.get(b"x-api-key")
+        return key.decode("latin-1").strip() if key else None
+
+    async def body(self) -> bytes:
+        length = self.headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise self._too_large()
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                raise self._too_large()
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def json(self) -> Any:
+        raw = await self.body()
+        if not raw:
+            raise InvalidRequestError(
+                "the request body is empty; send a JSON object", param="body", code="invalid_json"
+            )
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidRequestError(
+                f"the request body is not valid JSON ({exc}); send a UTF-8 JSON object",
+                param="body",
+                code="invalid_json",
+            ) from None
+
+    def _too_large(self) -> RequestTooLargeError:
+        return RequestTooLargeError(
+            f"the request body is larger than {self.max_body} bytes; send less "
+            "(or raise server.max_body_bytes)",
+            param="body",
+        )
+
+
+def _request_id(request: Request) -> str:
+    given = request.headers.get(b"x-request-id")
+    if given is not None:
+        text = given.decode("latin-1")
+        if _REQUEST_ID.fullmatch(text):
+            return text
+    return uuid.uuid4().hex
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: Headers) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*_JSON_HEADERS, (b"content-length", str(len(body)).encode()), *headers],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _send_stream(
+    send: Send, receive: Receive, stream: ChatStream, headers: Headers, request_id: str
+) -> None:
+    """Write a stream as SSE; a client that goes away cancels the upstream call."""
+    await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *headers]})
+
+    async def pump() -> None:
+        try:
+            async with contextlib.aclosing(stream.chunks()) as chunks:
+                async for chunk in chunks:
+                    body = b"data: " + orjson.dumps(chunk) + b"\n\n"
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+            tail = b"data: [DONE]\n\n"
+        except Exception as exc:  # noqa: BLE001 - any failure ends the stream with an event
+            tail = stream_error_event(exc, request_id)
+        await send({"type": "http.response.body", "body": tail, "more_body": False})
+
+    pump_task = asyncio.ensure_future(pump())
+    watch_task = asyncio.ensure_future(_wait_disconnect(receive))
+    try:
+        await asyncio.wait((pump_task, watch_task), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (pump_task, watch_task):
+            if not task.done():
+                task.cancel()
+        for task in (pump_task, watch_task):
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await task
+
+
+class GatewayApp:
+    """The ASGI callable. One per worker process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.gateway = Gateway(config)
+        self.pipeline = self.gateway.pipeline
+        self.max_body = config.server.max_body_bytes
+        self.routes: dict[str, dict[str, Handler]] = {
+            "/v1/chat/completions": {"POST": self.chat_completions},
+            "/v1/embeddings": {"POST": self.embeddings},
+            "/v1/models": {"GET": self.models},
+            "/health/live": {"GET": self.live},
+            "/health/ready": {"GET": self.ready},
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, self.max_body)
+        ctx = RequestContext(_request_id(request), request.api_key())
+        try:
+            handler = self._resolve(scope["path"], scope["method"])
+            reply = await handler(request, ctx)
+        except ClientDisconnected:
+            return
+        except Exception as exc:  # noqa: BLE001 - mapped to an error response in one place
+            status, extra, body = render_error(exc, ctx.request_id)
+            await _send_json(send, status, body, ctx.response_headers() + extra)
+            return
+        if isinstance(reply, ChatStream):
+            await _send_stream(send, receive, reply, ctx.response_headers(), ctx.request_id)
+        else:
+            status, payload = reply
+            await _send_json(send, status, orjson.dumps(payload), ctx.response_headers())
+
+    def _resolve(self, path: str, method: str) -> Handler:
+        methods = self.routes.get(path.rstrip("/") or "/")
+        if methods is None:
+            raise NotFoundError(
+                f"no route {path}; the API lives under /v1 (for example POST /v1/chat/completions)",
+                code="unknown_route",
+            )
+        handler = methods.get(method)
+        if handler is None:
+            raise MethodNotAllowedError(
+                f"{method} is not allowed on {path}; use {', '.join(methods)}", code="method_not_allowed"
+            )
+        return handler
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.gateway.start()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.gateway.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- handlers --------------------------------------------------------------------------
+
+    async def chat_completions(self, request: Request, ctx: RequestContext) -> Reply:
+        ctx.propagate = _propagated(request)
+        body = self.pipeline.prepare_chat(ctx, await request.json())
+        if body.get("stream"):
+            return await self.pipeline.chat_stream(ctx, body)
+        return 200, await self.pipeline.chat(ctx, body)
+
+    async def embeddings(self, request: Request, ctx: RequestContext) -> Reply:
+        ctx.propagate = _propagated(request)
+        return 200, await self.pipeline.embeddings(ctx, await request.json())
+
+    async def models(self, request: Request, ctx: RequestContext) -> Reply:
+        return 200, self.pipeline.list_models(ctx)
+
+    async def live(self, request: Request, ctx: RequestContext) -> Reply:
+        return 200, {"status": "live"}
+
+    async def ready(self, request: Request, ctx: RequestContext) -> Reply:
+        if not self.gateway.ready:
+            return 503, {"status": "starting"}
+        return 200, {"status": "ready", "models": len(self.gateway.catalog.names())}
+
+
+def _propagated(request: Request) -> dict[str, str]:
+    """Headers passed on to the upstream (W3C trace context)."""
+    out = {}
+    for name in (b"traceparent", b"tracestate"):
+        value = request.headers.get(name)
+        if value is not None:
+            out[name.decode()] = value.decode("latin-1")
+    return out
+
+
+def create_app(config: Config) -> GatewayApp:
+    return GatewayApp(config)
+
+
+def create_app_from_env() -> GatewayApp:
+    """App factory for ``uvicorn --factory`` and worker processes: reads TOKYO_IA_CONFIG."""
+    path = os.environ.get("TOKYO_IA_CONFIG")
+    return GatewayApp(load_config(path) if path else default_config())
