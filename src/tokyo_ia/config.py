@@ -5,9 +5,11 @@ reference credentials instead of embedding them:
 
 - ``${env:NAME}`` (or ``${env:NAME:-default}``): an environment variable;
 - ``${file:/path}``: the content of a file (Docker/Kubernetes mounted secrets), stripped;
-- ``${secret:NAME}``: a secret from the secrets directory (``secrets.dir``, default
-  ``/run/secrets``), falling back to the environment variable ``NAME`` upper-cased with ``-``
-  turned into ``_``.
+- ``${secret:NAME}``: a secret from the backend the ``secrets:`` section chooses
+  (``security/secrets.py``): by default ``secrets.dir`` (``/run/secrets``) then the
+  environment variable NAME upper-cased (``-``/``.`` → ``_``); or HashiCorp Vault, AWS
+  Secrets Manager, or a chain. The ``secrets:`` section itself may use only ``${env:}``
+  and ``${file:}``.
 
 Unknown keys are rejected, and every error names the exact key and what to do about it.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from .errors import ConfigError
+from .security.secrets import SecretsBackend, SecretsSettings, build_backend
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -71,10 +75,6 @@ class AuthConfig(_Strict):
         return self.master_key is not None or bool(self.keys)
 
 
-class SecretsConfig(_Strict):
-    dir: str = "/run/secrets"
-
-
 class ProviderConfig(_Strict):
     """Settings every provider kind accepts. Provider modules subclass it for their extras."""
 
@@ -106,7 +106,7 @@ class Config(_Strict):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     cache: CacheConfig | None = None
     auth: AuthConfig = Field(default_factory=AuthConfig)
-    secrets: SecretsConfig = Field(default_factory=SecretsConfig)
+    secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, list[DeploymentConfig]] = Field(default_factory=dict)
 
@@ -155,8 +155,9 @@ _REF = re.compile(r"\$\{(env|file|secret):([^}]*)\}")
 
 
 class _Resolver:
-    def __init__(self, secrets_dir: str) -> None:
-        self.secrets_dir = secrets_dir
+    def __init__(self, secrets: SecretsBackend | None, environ: Mapping[str, str]) -> None:
+        self.secrets = secrets  # None while resolving the secrets: section itself
+        self.environ = environ
 
     def resolve(self, value: Any, path: str) -> Any:
         if isinstance(value, dict):
@@ -173,7 +174,7 @@ class _Resolver:
     def _one(self, kind: str, ref: str, path: str) -> str:
         if kind == "env":
             name, _, default = ref.partition(":-")
-            value = os.environ.get(name)
+            value = self.environ.get(name)
             if value is None or value == "":
                 if ":-" in ref:
                     return default
@@ -190,16 +191,28 @@ class _Resolver:
                     f"{path}: cannot read secret file {ref} ({exc.strerror}); "
                     "mount the file or change the path"
                 ) from None
-        candidate = Path(self.secrets_dir) / ref
-        if candidate.is_file():
-            return candidate.read_text(encoding="utf-8").strip()
-        env_name = ref.upper().replace("-", "_").replace(".", "_")
-        if os.environ.get(env_name):
-            return os.environ[env_name]
-        raise ConfigError(
-            f"{path}: secret '{ref}' not found; put it in {candidate} "
-            f"or set the environment variable {env_name}"
-        )
+        if self.secrets is None:
+            raise ConfigError(
+                f"{path}: ${{secret:{ref}}} cannot configure the secrets backend itself; "
+                "use ${env:NAME} or ${file:/path} here"
+            )
+        try:
+            return self.secrets.get(ref)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+
+
+def _secrets_backend(section: Any, source: str, environ: Mapping[str, str]) -> SecretsBackend:
+    """Build the secrets backend first, since the rest of the file may reference it."""
+    resolved = _Resolver(None, environ).resolve(section or {}, "secrets")
+    try:
+        settings = SecretsSettings.model_validate(resolved)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_validation(exc, prefix='secrets')}") from None
+    try:
+        return build_backend(settings, environ=environ)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def _format_validation(exc: ValidationError, prefix: str = "") -> str:
@@ -219,14 +232,17 @@ def _format_validation(exc: ValidationError, prefix: str = "") -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def parse_config(data: Any, *, source: str = "<config>") -> Config:
+def parse_config(
+    data: Any, *, source: str = "<config>", environ: Mapping[str, str] | None = None
+) -> Config:
     """Validate an already-parsed mapping (references are resolved first)."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections (server, ...)")
-    secrets_dir = str((data.get("secrets") or {}).get("dir", "/run/secrets"))
-    resolved = _Resolver(secrets_dir).resolve(data, "")
+    env = os.environ if environ is None else environ
+    backend = _secrets_backend(data.get("secrets"), source, env)
+    resolved = _Resolver(backend, env).resolve(data, "")
     try:
         return Config.model_validate(resolved)
     except ValidationError as exc:
@@ -249,7 +265,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(data, source=str(p))
 
 
-def default_config(environ: dict[str, str] | None = None) -> Config:
+def default_config(environ: Mapping[str, str] | None = None) -> Config:
     """The embedded default: demo provider plus each real provider whose key is set."""
     from .providers.registry import embedded_defaults
 
@@ -260,4 +276,4 @@ def default_config(environ: dict[str, str] | None = None) -> Config:
         providers[name] = section
         for public, upstream in public_models.items():
             models.setdefault(public, []).append({"provider": name, "model": upstream})
-    return parse_config({"providers": providers, "models": models}, source="embedded default")
+    return parse_config({"providers": providers, "models": models}, source="embedded default", environ=env)

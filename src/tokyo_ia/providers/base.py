@@ -27,7 +27,7 @@ JSON = dict[str, Any]
 
 
 @dataclass(slots=True)
-class ChatCall:
+class Call:
     """One call to one deployment.
 
     ``body`` is the caller's request exactly as received (unknown fields included); a
@@ -41,10 +41,6 @@ class ChatCall:
     deadline: float | None = None  # time.monotonic() value after which to give up
     headers: dict[str, str] = field(default_factory=dict)  # to propagate (e.g. traceparent)
 
-    @property
-    def stream(self) -> bool:
-        return bool(self.body.get("stream"))
-
     def remaining(self) -> float | None:
         """Seconds left before the deadline (None when there is none)."""
         if self.deadline is None:
@@ -53,12 +49,17 @@ class ChatCall:
 
 
 @dataclass(slots=True)
-class EmbedCall:
-    body: JSON
-    model: str
-    request_id: str
-    deadline: float | None = None
-    headers: dict[str, str] = field(default_factory=dict)
+class ChatCall(Call):
+    """A chat-completions call."""
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.body.get("stream"))
+
+
+@dataclass(slots=True)
+class EmbedCall(Call):
+    """An embeddings call."""
 
 
 @dataclass(slots=True)

@@ -146,9 +146,14 @@ class HTTPTransport:
             raise RuntimeError(f"provider '{self.provider}' was used before start()")
         return self._session
 
-    def _timeout(self, remaining: float | None) -> aiohttp.ClientTimeout | None:
+    def _timeout(self, remaining: float | None) -> aiohttp.ClientTimeout:
+        """The session's timeouts, with the total capped by the request's deadline.
+
+        (Never ``None``: aiohttp reads an explicit ``timeout=None`` as "no timeout at all".)
+        """
+        session_timeout = self.session.timeout
         if remaining is None or remaining >= self.config.timeout_s:
-            return None
+            return session_timeout
         return aiohttp.ClientTimeout(
             total=max(0.001, remaining),
             sock_connect=min(self.config.connect_timeout_s, max(0.001, remaining)),

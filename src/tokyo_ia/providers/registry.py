@@ -18,6 +18,8 @@ from .base import Provider
 _KINDS: dict[str, str] = {
     "openai": "tokyo_ia.providers.openai:OpenAIProvider",
     "demo": "tokyo_ia.providers.demo:DemoProvider",
+    "gemini": "tokyo_ia.providers.gemini:GeminiProvider",
+    "anthropic": "tokyo_ia.providers.anthropic:AnthropicProvider",
 }
 
 

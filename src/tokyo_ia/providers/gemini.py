@@ -1,0 +1,281 @@
+"""Google's Gemini API (generativelanguage.googleapis.com), translated to and from OpenAI's format.
+
+Endpoints, from Google's public REST reference (``v1beta`` by default, see
+:attr:`GeminiConfig.api_version`):
+
+- ``POST /{version}/models/{model}:generateContent`` and ``:streamGenerateContent?alt=sse``
+  (each SSE event is a whole ``GenerateContentResponse``; the stream just ends, with no
+  terminator, so a stream is complete only once every candidate sent a ``finishReason``);
+- ``POST /{version}/models/{model}:embedContent`` (one input) and ``:batchEmbedContents``;
+- ``GET /{version}/models`` for the doctor, which spends no tokens.
+
+The key goes in the ``x-goog-api-key`` header. Errors come as
+``{"error": {"code", "message", "status", "details"}}``; ``status`` (``INVALID_ARGUMENT``,
+``RESOURCE_EXHAUSTED``...) becomes the error code, a ``google.rpc.RetryInfo`` detail the
+retry delay. An invalid key is answered with 400 ``API_KEY_INVALID``, which is the
+operator's problem, not the caller's, so it is reported as an authentication failure.
+
+Request and response mapping lives in :mod:`.gemini_translate`.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import struct
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+from pydantic import Field
+
+from ..config import ProviderConfig
+from ..errors import InvalidRequestError, UnsupportedError, UpstreamError
+from .base import JSON, ChatCall, CheckResult, EmbedCall, Provider
+from .gemini_translate import StreamTranslator, from_gemini_response, to_gemini_request
+from .http import HTTPTransport, error_for_status, parse_retry_after
+
+_AUTH_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED"})
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+class GeminiConfig(ProviderConfig):
+    api_version: str = "v1beta"
+    """Path prefix of every call; ``v1`` is the stable surface, ``v1beta`` has every feature."""
+    safety_settings: list[dict[str, str]] = Field(default_factory=list)
+    """Sent as ``safetySettings`` with every chat request, e.g.
+    ``[{category: HARM_CATEGORY_HARASSMENT, threshold: BLOCK_ONLY_HIGH}]``."""
+
+
+class GeminiProvider(Provider):
+    kind = "gemini"
+    settings_model = GeminiConfig
+    default_base_url = "https://generativelanguage.googleapis.com"
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        super().__init__(name, config)
+        assert isinstance(config, GeminiConfig)
+        self.cfg = config
+        self.http = HTTPTransport(name, config, config.base_url or self.default_base_url)
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if config.api_key is not None:
+            headers["x-goog-api-key"] = config.api_key.get_secret_value()
+        headers.update({k.lower(): v for k, v in config.headers.items()})
+        self._headers = headers
+
+    async def start(self) -> None:
+        await self.http.start()
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    def _path(self, model: str, method: str) -> str:
+        resource = model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
+        return f"/{self.cfg.api_version}/{resource}:{method}"
+
+    def _headers_for(self, extra: Mapping[str, str]) -> dict[str, str]:
+        return {**self._headers, **extra} if extra else self._headers
+
+    async def _post(self, path: str, payload: JSON, call: ChatCall | EmbedCall) -> JSON:
+        remaining = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
+        status, headers, body = await self.http.request_json(
+            "POST", path, payload=payload, headers=self._headers_for(call.headers), remaining=remaining
+        )
+        if status >= 400:
+            raise self._error(status, headers, body)
+        return self._decode(body)
+
+    # -- chat -------------------------------------------------------------------------------
+
+    async def chat(self, call: ChatCall) -> JSON:
+        payload = to_gemini_request(call.body, self.cfg.safety_settings)
+        data = await self._post(self._path(call.model, "generateContent"), payload, call)
+        if not data.get("candidates") and not (data.get("promptFeedback") or {}).get("blockReason"):
+            raise UpstreamError(
+                f"provider '{self.name}' answered with neither candidates nor a block reason",
+                provider=self.name,
+                code="upstream_bad_response",
+            )
+        return from_gemini_response(data, request_id=call.request_id, model=call.model)
+
+    async def stream(self, call: ChatCall) -> AsyncIterator[JSON]:
+        """Yield chunks as events arrive, then one usage chunk (always; the pipeline drops it
+        when the caller did not ask for usage)."""
+        payload = to_gemini_request(call.body, self.cfg.safety_settings)
+        path = self._path(call.model, "streamGenerateContent") + "?alt=sse"
+        headers = {**self._headers_for(call.headers), "accept": "text/event-stream"}
+        translator = StreamTranslator(request_id=call.request_id, model=call.model)
+        async with self.http.open_stream(
+            path, payload=payload, headers=headers, remaining=call.remaining()
+        ) as resp:
+            if resp.status >= 400:
+                raise self._error(resp.status, resp.headers, await resp.read())
+            async for event in self.http.sse_events(resp):
+                data = self._decode(event.data.encode())
+                if "error" in data and "candidates" not in data:
+                    message, code, _ = _google_error(event.data.encode())
+                    raise UpstreamError(
+                        f"provider '{self.name}' failed mid-stream: {message}",
+                        provider=self.name,
+                        code=code or "upstream_stream_error",
+                    )
+                for chunk in translator.feed(data):
+                    yield chunk
+        if not translator.complete:
+            raise UpstreamError(
+                f"provider '{self.name}' ended the stream before a finishReason; the answer is incomplete",
+                provider=self.name,
+                code="upstream_stream_truncated",
+            )
+        yield translator.usage_chunk()
+
+    # -- embeddings -----------------------------------------------------------------------
+
+    async def embed(self, call: EmbedCall) -> JSON:
+        texts, single = _embed_inputs(call.body.get("input"))
+        dimensions = call.body.get("dimensions")
+        resource = call.model if call.model.startswith("models/") else f"models/{call.model}"
+
+        def request(text: str) -> JSON:
+            item: JSON = {"model": resource, "content": {"parts": [{"text": text}]}}
+            if dimensions is not None:
+                item["outputDimensionality"] = dimensions
+            return item
+
+        if single:
+            data = await self._post(self._path(call.model, "embedContent"), request(texts[0]), call)
+            vectors = [(data.get("embedding") or {}).get("values") or []]
+        else:
+            payload = {"requests": [request(t) for t in texts]}
+            data = await self._post(self._path(call.model, "batchEmbedContents"), payload, call)
+            vectors = [e.get("values") or [] for e in data.get("embeddings") or []]
+        if len(vectors) != len(texts):
+            raise UpstreamError(
+                f"provider '{self.name}' returned {len(vectors)} embeddings for {len(texts)} inputs",
+                provider=self.name,
+                code="upstream_bad_response",
+            )
+        return _embedding_list(vectors, texts, call, data)
+
+    # -- doctor and defaults --------------------------------------------------------------
+
+    async def check(self) -> CheckResult:
+        """List one model: authenticates and spends no tokens."""
+        started = time.monotonic()
+        try:
+            status, headers, body = await self.http.request_json(
+                "GET",
+                f"/{self.cfg.api_version}/models?pageSize=1",
+                headers=self._headers,
+                remaining=self.cfg.connect_timeout_s * 2,
+            )
+        except UpstreamError as exc:
+            return CheckResult(False, "connect", exc.message, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        if status >= 400:
+            error = self._error(status, headers, body)
+            stage = "auth" if error.code == "upstream_auth_failed" else "http"
+            return CheckResult(False, stage, error.message, elapsed)
+        return CheckResult(True, "ok", "listed models", elapsed)
+
+    @classmethod
+    def embedded_default(cls, env: Mapping[str, str]) -> tuple[JSON, dict[str, str]] | None:
+        variable = next((v for v in ("GEMINI_API_KEY", "GOOGLE_API_KEY") if env.get(v)), None)
+        if variable is None:
+            return None
+        models = ("gemini-2.5-flash", "gemini-2.5-pro", "gemini-2.5-flash-lite", "gemini-embedding-001")
+        return {"api_key": f"${{env:{variable}}}"}, {m: m for m in models}
+
+    # -- errors ---------------------------------------------------------------------------
+
+    def _decode(self, body: bytes) -> JSON:
+        try:
+            value = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(
+                f"provider '{self.name}' sent a body that is not JSON: {body[:200]!r}",
+                provider=self.name,
+                code="upstream_bad_response",
+            ) from None
+        if not isinstance(value, dict):
+            raise UpstreamError(
+                f"provider '{self.name}' sent JSON that is not an object",
+                provider=self.name,
+                code="upstream_bad_response",
+            )
+        return value
+
+    def _error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamError:
+        message, code, details = _google_error(body)
+        if any(d.get("reason") in _AUTH_REASONS for d in details):
+            return UpstreamError(
+                f"provider '{self.name}' returned {status}: {message} (the gateway's credentials for "
+                f"'{self.name}' were refused; check providers.{self.name}.api_key)",
+                provider=self.name,
+                upstream_status=status,
+                code="upstream_auth_failed",
+            )
+        retry_after = parse_retry_after(headers)
+        if retry_after is None:
+            retry_after = _retry_delay(details)
+        return error_for_status(self.name, status, message, code=code, retry_after=retry_after)
+
+
+def _google_error(body: bytes) -> tuple[str, str | None, list[JSON]]:
+    """(message, status string, details) of a Google error body, or the raw text."""
+    try:
+        value: Any = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:500].decode("utf-8", "replace") or "(empty body)", None, []
+    if isinstance(value, list) and value:  # non-SSE stream endpoints wrap errors in an array
+        value = value[0]
+    err = value.get("error") if isinstance(value, dict) else None
+    if not isinstance(err, dict):
+        return str(value)[:500], None, []
+    details = [d for d in err.get("details") or [] if isinstance(d, dict)]
+    status = err.get("status")
+    return str(err.get("message") or err), str(status) if status else None, details
+
+
+def _retry_delay(details: list[JSON]) -> float | None:
+    """Seconds from a ``google.rpc.RetryInfo`` detail (``retryDelay: "22s"``)."""
+    for detail in details:
+        match = _DURATION.match(str(detail.get("retryDelay", "")))
+        if match:
+            return float(match.group(1))
+    return None
+
+
+def _embed_inputs(raw: Any) -> tuple[list[str], bool]:
+    """(texts, was a single string). Gemini embeds text only, not token arrays."""
+    if isinstance(raw, str):
+        return [raw], True
+    if isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+        return list(raw), False
+    if isinstance(raw, list) and raw:
+        raise UnsupportedError(
+            "Gemini embeds text only; send 'input' as a string or a list of strings, not token ids",
+            param="input",
+        )
+    raise InvalidRequestError("'input' must be a non-empty string or list of strings", param="input")
+
+
+def _embedding_list(vectors: list[list[float]], texts: list[str], call: EmbedCall, data: JSON) -> JSON:
+    """The OpenAI ``list`` of embeddings; tokens are estimated when Gemini reports none."""
+    as_base64 = call.body.get("encoding_format") == "base64"
+    items = []
+    for i, vector in enumerate(vectors):
+        value: Any = vector
+        if as_base64:
+            value = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        items.append({"object": "embedding", "index": i, "embedding": value})
+    reported = (data.get("usageMetadata") or {}).get("promptTokenCount")
+    tokens = int(reported) if reported else sum(math.ceil(len(t) / 4) for t in texts)
+    return {
+        "object": "list",
+        "data": items,
+        "model": call.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }

@@ -1,0 +1,304 @@
+"""Rate limits shared by every gateway replica, in Redis.
+
+Same GCRA semantics as :mod:`.ratelimit` (the Lua below mirrors ``ratelimit.evaluate`` and
+``ratelimit.charge``), but each check is one atomic EVALSHA round trip, so replicas never race.
+Scripts are registered once (``register_script``); redis-py loads them again by itself after a
+Redis restart (NOSCRIPT). Time comes from the Redis server (``TIME``), so replicas whose clocks
+disagree still share one timeline.
+
+Keys (``{scope}`` is a hash tag, so a scope's keys share one Redis Cluster slot):
+
+- ``<prefix>{<scope>}``      hash ``r``/``t`` = request/token TATs in ms; PEXPIRE'd when full again;
+- ``<prefix>{<scope>}:par``  sorted set of in-flight request ids scored by lease expiry (ms).
+  A holder renews its lease every ``lease_s / 3``; a replica that dies stops renewing and its
+  slots expire after ``lease_s``, so no crash can leak concurrency.
+
+When Redis cannot be reached the limiter fails *open* (admits, logs a warning at most every
+30 s): limits protect capacity, and an outage of the limiter must not become an outage of the
+gateway. Budgets, which are about money, are enforced elsewhere. After a failure it leaves Redis
+alone for ``cooldown_s`` so requests do not each pay a connect timeout; :meth:`from_url` also sets
+short socket timeouts and a single retry without backoff (redis-py's default retries with
+backoff would add seconds to every request while Redis is down).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from types import TracebackType
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from .ratelimit import (
+    MAX_DEBT_PERIODS,
+    PERIOD_S,
+    Clock,
+    Decision,
+    Limits,
+    Outcome,
+    RefusedBy,
+    decision_from,
+    parallel_error,
+    unmetered,
+)
+
+log = logging.getLogger("tokyo_ia.ratelimit")
+
+# Shared preamble: ARGV[1] is "now" in ms, or -1 to use the Redis server clock.
+_NOW_LUA = """
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+"""
+
+# ARGV: now, period_ms, rpm (0 = none), tpm (0 = none), tokens.
+# Returns {allowed, refused (0 none, 1 requests, 2 tokens), reset_r_ms, reset_t_ms, retry_ms or -1}.
+_ACQUIRE_LUA = (
+    _NOW_LUA
+    + """
+local period = tonumber(ARGV[2])
+local rpm, tpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local st = redis.call('HMGET', KEYS[1], 'r', 't')
+local tat_r = math.max(tonumber(st[1]) or now, now)
+local tat_t = math.max(tonumber(st[2]) or now, now)
+local new_r, new_t, wait_r, wait_t = tat_r, tat_t, 0, 0
+if rpm > 0 then
+  new_r = tat_r + period / rpm
+  wait_r = new_r - now - period
+end
+if tpm > 0 then
+  if tokens > tpm then
+    return {0, 2, tostring(tat_r - now), tostring(tat_t - now), '-1'}
+  end
+  new_t = tat_t + tokens * period / tpm
+  wait_t = new_t - now - period
+end
+if wait_r > 1e-6 or wait_t > 1e-6 then
+  local by = 1
+  if wait_t > wait_r then by = 2 end
+  return {0, by, tostring(tat_r - now), tostring(tat_t - now), tostring(math.max(wait_r, wait_t))}
+end
+redis.call('HSET', KEYS[1], 'r', tostring(new_r), 't', tostring(new_t))
+redis.call('PEXPIRE', KEYS[1], math.ceil(math.max(new_r, new_t) - now) + 1)
+return {1, 0, tostring(new_r - now), tostring(new_t - now), '-1'}
+"""
+)
+
+# ARGV: now, period_ms, tpm, tokens, max_debt_ms. Mirrors ratelimit.charge.
+_CHARGE_LUA = (
+    _NOW_LUA
+    + """
+local period, tpm, tokens = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local tat = math.max(tonumber(redis.call('HGET', KEYS[1], 't')) or now, now)
+local new = math.min(math.max(tat + tokens * period / tpm, now), now + tonumber(ARGV[5]))
+redis.call('HSET', KEYS[1], 't', tostring(new))
+local need = math.ceil(new - now) + 1
+if redis.call('PTTL', KEYS[1]) < need then redis.call('PEXPIRE', KEYS[1], need) end
+return 1
+"""
+)
+
+# ARGV: now, lease_ms, max_parallel, member. Returns {admitted, in_flight, ms until a lease ends}.
+_SLOT_LUA = (
+    _NOW_LUA
+    + """
+local lease = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local n = redis.call('ZCARD', KEYS[1])
+if n >= tonumber(ARGV[3]) then
+  local first = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, n, tostring(tonumber(first[2]) - now)}
+end
+redis.call('ZADD', KEYS[1], now + lease, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], math.ceil(lease))
+return {1, n + 1, '0'}
+"""
+)
+
+# ARGV: now, lease_ms, member. Extends a held lease; returns 0 if it had already expired.
+_RENEW_LUA = (
+    _NOW_LUA
+    + """
+if not redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 0 end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])))
+return 1
+"""
+)
+
+_REFUSED: dict[int, RefusedBy | None] = {0: None, 1: "requests", 2: "tokens"}
+_PERIOD_MS = PERIOD_S * 1000
+
+
+class RedisRateLimiter:
+    """:class:`~.ratelimit.RateLimiter` over Redis, correct across any number of replicas.
+
+    ``clock`` (seconds) replaces the Redis server clock; tests use it to step time. ``lease_s``
+    bounds how long a crashed replica's in-flight slots survive it.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        key_prefix: str = "tokyo-ia:rl:",
+        clock: Clock | None = None,
+        lease_s: float = 30.0,
+        cooldown_s: float = 5.0,
+        owns_client: bool = False,
+    ) -> None:
+        self.client = client
+        self.key_prefix = key_prefix
+        self.lease_s = lease_s
+        self._clock = clock
+        self._owns_client = owns_client
+        self._acquire = client.register_script(_ACQUIRE_LUA)
+        self._charge = client.register_script(_CHARGE_LUA)
+        self._slot = client.register_script(_SLOT_LUA)
+        self._renew = client.register_script(_RENEW_LUA)
+        self._background: set[asyncio.Task[None]] = set()
+        self._last_warning = -1e9
+        self._cooldown_s = cooldown_s
+        self._down_until = -1e9
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, client_options: dict[str, Any] | None = None, **options: Any
+    ) -> RedisRateLimiter:
+        """A limiter with its own connection pool (fast-failing timeouts), closed by :meth:`close`."""
+        settings: dict[str, Any] = {
+            "socket_timeout": 0.5,
+            "socket_connect_timeout": 0.5,
+            "retry": Retry(NoBackoff(), 1),
+            **(client_options or {}),
+        }
+        return cls(Redis.from_url(url, **settings), owns_client=True, **options)
+
+    @property
+    def available(self) -> bool:
+        """False while cooling down after a Redis failure (requests are then admitted)."""
+        return time.monotonic() >= self._down_until
+
+    def key(self, scope: str) -> str:
+        return f"{self.key_prefix}{{{scope}}}"
+
+    def _now_ms(self) -> float:
+        return -1.0 if self._clock is None else self._clock() * 1000.0
+
+    async def acquire(self, scope: str, limits: Limits, tokens: int = 0) -> Decision:
+        if not limits.metered or not self.available:
+            return unmetered(scope)
+        args = [self._now_ms(), _PERIOD_MS, limits.rpm or 0, limits.tpm or 0, max(tokens, 0)]
+        try:
+            raw = await self._acquire(keys=[self.key(scope)], args=args)
+        except RedisError as exc:
+            self._failed(exc)
+            return unmetered(scope)
+        allowed, refused, reset_r, reset_t, retry = raw
+        outcome = Outcome(
+            allowed=bool(allowed),
+            refused_by=_REFUSED[int(refused)],
+            reset_requests=float(reset_r) / 1000,
+            reset_tokens=float(reset_t) / 1000,
+            retry_after=None if float(retry) < 0 else float(retry) / 1000,
+        )
+        return decision_from(scope, limits, tokens, outcome)
+
+    async def add_tokens(self, scope: str, limits: Limits, tokens: int) -> None:
+        if limits.tpm is None or tokens == 0 or not self.available:
+            return
+        args = [self._now_ms(), _PERIOD_MS, limits.tpm, tokens, MAX_DEBT_PERIODS * _PERIOD_MS]
+        try:
+            await self._charge(keys=[self.key(scope)], args=args)
+        except RedisError as exc:
+            self._failed(exc)
+
+    def parallel(self, scope: str, max_parallel: int | None) -> _RedisSlot:
+        return _RedisSlot(self, scope, max_parallel)
+
+    async def in_flight(self, scope: str) -> int:
+        """Slots currently held for ``scope`` (expired leases not counted)."""
+        now_ms = time.time() * 1000 if self._clock is None else self._clock() * 1000
+        return int(await self.client.zcount(self.key(scope) + ":par", f"({now_ms}", "+inf"))
+
+    async def close(self) -> None:
+        """Wait for pending slot releases, then close the pool if this limiter opened it."""
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        if self._owns_client:
+            await self.client.aclose()
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        self._down_until = now + self._cooldown_s
+        if now - self._last_warning >= 30.0:
+            self._last_warning = now
+            log.warning("rate limiter: Redis unavailable, admitting requests unlimited: %s", exc)
+
+
+class _RedisSlot:
+    """One in-flight slot: a sorted-set member whose lease a background task keeps renewing.
+
+    Release runs shielded, so a request cancelled twice (client gone, then shutdown) still
+    frees its slot; if even that fails, the lease expires on its own.
+    """
+
+    def __init__(self, limiter: RedisRateLimiter, scope: str, max_parallel: int | None) -> None:
+        self._limiter = limiter
+        self._scope = scope
+        self._max = max_parallel
+        self._key = limiter.key(scope) + ":par"
+        self._member = uuid.uuid4().hex
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> None:
+        lim = self._limiter
+        if self._max is None or not lim.available:
+            return
+        lease_ms = lim.lease_s * 1000
+        try:
+            raw = await lim._slot(keys=[self._key], args=[lim._now_ms(), lease_ms, self._max, self._member])
+        except RedisError as exc:
+            lim._failed(exc)
+            return
+        if not int(raw[0]):
+            raise parallel_error(self._scope, self._max, retry_after=min(1.0, float(raw[2]) / 1000))
+        self._renewer = asyncio.create_task(self._keep_alive())
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._renewer is None:
+            return
+        task = asyncio.ensure_future(self._release())
+        self._limiter._background.add(task)
+        task.add_done_callback(self._limiter._background.discard)
+        await asyncio.shield(task)
+
+    async def _keep_alive(self) -> None:
+        lim = self._limiter
+        while True:
+            await asyncio.sleep(lim.lease_s / 3)
+            try:
+                await lim._renew(keys=[self._key], args=[lim._now_ms(), lim.lease_s * 1000, self._member])
+            except RedisError as exc:
+                lim._failed(exc)
+
+    async def _release(self) -> None:
+        assert self._renewer is not None
+        self._renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._renewer
+        try:
+            await self._limiter.client.zrem(self._key, self._member)
+        except RedisError as exc:
+            self._limiter._failed(exc)

@@ -1,0 +1,45 @@
+"""Real-Redis test support, importable by any integration test module.
+
+DESIGN.md: Redis tests talk to a real server; locally they are skipped with a loud reason
+when none answers, and with ``CI=true`` a missing server is a failure, never a skip.
+(Not named ``conftest.py`` on purpose: that file belongs to the whole integration suite.)
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+REDIS_URL = os.environ.get("TOKYO_IA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+async def connect_or_skip(url: str = REDIS_URL) -> Redis:
+    """A connected client, or skip (locally) / fail (CI) saying exactly what is missing."""
+    client = Redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=5.0)
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        await client.aclose()
+        reason = (
+            f"REDIS NOT REACHABLE at {url} ({exc}); start one with "
+            "`docker run -p 6379:6379 redis:7` or set TOKYO_IA_TEST_REDIS_URL"
+        )
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason} — CI=true, so this is a failure, not a skip", pytrace=False)
+        pytest.skip(f"!!! {reason}")
+    return client
+
+
+def unique_prefix(kind: str) -> str:
+    """A key prefix no other test run shares; delete everything under it afterwards."""
+    return f"tokyo-ia-test:{kind}:{uuid.uuid4().hex[:12]}:"
+
+
+async def delete_prefix(client: Redis, prefix: str) -> None:
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=500)]
+    if keys:
+        await client.delete(*keys)

@@ -1,0 +1,90 @@
+"""Start ``tokyo-ia serve`` as a user would, in a subprocess, and wait until it is ready."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.fakes.base import free_port
+
+
+class GatewayProcess:
+    def __init__(
+        self,
+        config: dict[str, Any] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.port = free_port()
+        self.env = env or {}
+        self.args = args or []
+        self.dir = Path(tempfile.mkdtemp(prefix="tokyo-ia-test-"))
+        self.log_path = self.dir / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def start(self, timeout: float = 20.0) -> GatewayProcess:
+        cmd = [sys.executable, "-m", "tokyo_ia", "serve", "--port", str(self.port), *self.args]
+        if self.config is not None:
+            path = self.dir / "config.yaml"
+            path.write_text(yaml.safe_dump(self.config))
+            cmd += ["--config", str(path)]
+        env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
+        env.pop("TOKYO_IA_CONFIG", None)
+        env.update(self.env)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.dir)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log}")
+            try:
+                with urllib.request.urlopen(self.url + "/health/ready", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"gateway not ready after {timeout}s:\n{self.log}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> GatewayProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def openai_provider(emu_url: str, **extra: Any) -> dict[str, Any]:
+    return {"kind": "openai", "base_url": emu_url + "/v1", "api_key": "test-key", **extra}
