@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import os
 import sys
@@ -62,6 +63,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     source = str(Path(args.config).resolve()) if args.config else (
         os.environ.get("TOKYO_IA_CONFIG") or "embedded default"
     )
+    if config.store.url.startswith("sqlite"):
+        # The embedded database migrates itself, once, before any worker starts.
+        from .store.db import upgrade
+
+        asyncio.run(upgrade(config.store.url))
     print(_banner(config, host, port, workers, source), flush=True)
     common = {
         "host": host,
@@ -110,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", help="YAML config file (default: $TOKYO_IA_CONFIG or embedded)")
     check.set_defaults(func=cmd_check)
+
+    from .store.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -64,11 +64,15 @@ class StaticKeyConfig(_Strict):
     name: str
     models: list[str] = Field(default_factory=lambda: ["*"])
     rpm: int | None = Field(None, ge=1)
+    tpm: int | None = Field(None, ge=1)
+    max_parallel: int | None = Field(None, ge=1)
 
 
 class AuthConfig(_Strict):
     master_key: SecretStr | None = None
     keys: list[StaticKeyConfig] = Field(default_factory=list)
+    key_cache_ttl_s: float = Field(5.0, ge=0, description="how long a virtual key lookup is trusted")
+    key_negative_ttl_s: float = Field(1.0, ge=0)
 
     @property
     def enabled(self) -> bool:

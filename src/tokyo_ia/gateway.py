@@ -1,7 +1,7 @@
 """The composition root: builds every stage from a :class:`~tokyo_ia.config.Config`.
 
 One ``Gateway`` per worker process. :meth:`start` runs inside the event loop (it opens the
-upstream connection pools); :meth:`close` drains and closes them on shutdown.
+upstream connection pools and checks the database schema); :meth:`close` closes them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,9 @@ from .providers import registry
 from .providers.base import Provider
 from .routing.catalog import Catalog
 from .security.auth import Authenticator
+from .security.keycache import KeyCache
+from .security.keys import KeyService
+from .store.db import check_schema, create_engine, session_factory
 
 log = logging.getLogger("tokyo_ia")
 
@@ -26,11 +29,21 @@ class Gateway:
             name: registry.create(name, section) for name, section in config.providers.items()
         }
         self.catalog = Catalog(config.models, self.providers)
-        self.authenticator = Authenticator(config.auth)
+        self.db = create_engine(config.store.url)
+        self.keys = KeyService(session_factory(self.db))
+        self.key_cache = KeyCache(
+            self.keys, ttl_s=config.auth.key_cache_ttl_s, negative_ttl_s=config.auth.key_negative_ttl_s
+        )
+        self.authenticator = Authenticator(config.auth, virtual=self.key_cache)
         self.pipeline = Pipeline(self.authenticator, self.catalog)
         self.ready = False
 
     async def start(self) -> None:
+        await check_schema(self.db)
+        if self.authenticator.open and await self.keys.count_active() > 0:
+            # Virtual keys exist (made with the CLI): never serve them an open gateway.
+            self.authenticator.open = False
+            log.warning("auth: ON - the database holds virtual keys, so every request needs one")
         await asyncio.gather(*(p.start() for p in self.providers.values()))
         self.ready = True
 
@@ -42,3 +55,4 @@ class Gateway:
         for provider, result in zip(self.providers.values(), results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("closing provider %s failed: %s", provider.name, result)
+        await self.db.dispose()

@@ -94,12 +94,12 @@ class Pipeline:
         self.catalog = catalog
         self.deadline_s = deadline_s
 
-    def authenticate(self, ctx: RequestContext) -> Principal:
-        ctx.principal = self.auth.authenticate(ctx.api_key)
+    async def authenticate(self, ctx: RequestContext) -> Principal:
+        ctx.principal = await self.auth.authenticate(ctx.api_key)
         return ctx.principal
 
-    def list_models(self, ctx: RequestContext) -> JSON:
-        principal = self.authenticate(ctx)
+    async def list_models(self, ctx: RequestContext) -> JSON:
+        principal = await self.authenticate(ctx)
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "tokyo-ia"}
             for name in self.catalog.names()
@@ -112,9 +112,9 @@ class Pipeline:
         self.auth.authorize_model(ctx.principal, model)
         return self.catalog.candidates(model)
 
-    def prepare_chat(self, ctx: RequestContext, body: Any) -> JSON:
+    async def prepare_chat(self, ctx: RequestContext, body: Any) -> JSON:
         """Authenticate and validate; the HTTP layer then picks chat or chat_stream."""
-        self.authenticate(ctx)
+        await self.authenticate(ctx)
         return validate_chat(body)
 
     async def chat(self, ctx: RequestContext, body: JSON) -> JSON:
@@ -151,7 +151,7 @@ class Pipeline:
         return ChatStream(first, rest, wants_usage(body), ctx)
 
     async def embeddings(self, ctx: RequestContext, body: Any) -> JSON:
-        self.authenticate(ctx)
+        await self.authenticate(ctx)
         body = validate_embeddings(body)
 
         async def attempt(d: Deployment) -> JSON:

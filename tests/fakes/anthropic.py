@@ -3,7 +3,8 @@
 Written from Anthropic's API reference: ``POST /v1/messages`` (JSON, and SSE whose events are
 named ``message_start``, ``content_block_start``, ``ping``, ``content_block_delta``
 (``text_delta``, ``input_json_delta``), ``content_block_stop``, ``message_delta``,
-``message_stop``, and ``error``), ``GET /v1/models``; auth by ``x-api-key`` and a required
+``message_stop``, and ``error``), ``GET /v1/models``; auth by ``x-api-key`` (or
+``authorization: Bearer``, which the official SDKs 2.x send) and a required
 ``anthropic-version`` header; error bodies ``{"type": "error", "error": {"type", "message"},
 "request_id"}``; ``request-id`` and ``anthropic-ratelimit-*`` headers on every response,
 ``retry-after`` on 429 and 529. Like the real API it rejects unknown top-level fields, system
@@ -158,6 +159,9 @@ class AnthropicEmulator(Emulator):
 
     def _auth(self, request: web.Request) -> web.Response | None:
         key = request.headers.get("x-api-key")
+        bearer = request.headers.get("authorization", "")
+        if key is None and bearer.startswith("Bearer "):
+            key = bearer.removeprefix("Bearer ")  # what the official SDKs (2.x) send
         if key is None:
             return self._error(401, "x-api-key header is required")
         if key != self.api_key:

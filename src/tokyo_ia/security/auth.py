@@ -10,9 +10,13 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
 
 from ..config import AuthConfig
 from ..errors import AuthenticationError, PermissionDeniedError
+
+if TYPE_CHECKING:
+    from .keycache import KeyCache
 
 
 def digest(key: str) -> str:
@@ -28,6 +32,11 @@ class Principal:
     models: tuple[str, ...] = ("*",)
     admin: bool = False
     rpm: int | None = None
+    tpm: int | None = None
+    max_parallel: int | None = None
+    team: str | None = None
+    owner: str | None = None
+    log_payloads: bool = False
     metadata: dict[str, str] = field(default_factory=dict)
 
     def may_use(self, model: str) -> bool:
@@ -38,8 +47,11 @@ ANONYMOUS = Principal(key_id="anonymous", name="anonymous", models=("*",))
 
 
 class Authenticator:
-    def __init__(self, config: AuthConfig) -> None:
+    """Static keys (config) first, then virtual keys (database, through the key cache)."""
+
+    def __init__(self, config: AuthConfig, virtual: KeyCache | None = None) -> None:
         self.open = not config.enabled
+        self._virtual = virtual
         self._keys: dict[str, Principal] = {}
         if config.master_key is not None:
             self._keys[digest(config.master_key.get_secret_value())] = Principal(
@@ -52,9 +64,11 @@ class Authenticator:
                 name=static.name,
                 models=tuple(static.models),
                 rpm=static.rpm,
+                tpm=static.tpm,
+                max_parallel=static.max_parallel,
             )
 
-    def authenticate(self, token: str | None) -> Principal:
+    async def authenticate(self, token: str | None) -> Principal:
         if self.open:
             return ANONYMOUS
         if not token:
@@ -63,6 +77,8 @@ class Authenticator:
                 code="missing_api_key",
             )
         principal = self._keys.get(digest(token))
+        if principal is None and self._virtual is not None:
+            principal = await self._virtual.authenticate(token)  # raises if revoked/expired
         if principal is None:
             raise AuthenticationError(
                 "the API key is not valid; check it, or ask an administrator for a new one"

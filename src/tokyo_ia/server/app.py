@@ -22,6 +22,7 @@ from ..config import Config, default_config, load_config
 from ..errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from ..gateway import Gateway
 from ..pipeline import ChatStream, RequestContext
+from .admin import AdminRoutes
 from .errors import render_error, stream_error_event
 
 log = logging.getLogger("tokyo_ia.server")
@@ -182,6 +183,7 @@ class GatewayApp:
         self.gateway = Gateway(config)
         self.pipeline = self.gateway.pipeline
         self.max_body = config.server.max_body_bytes
+        self.admin = AdminRoutes(self.gateway.keys)
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/embeddings": {"POST": self.embeddings},
@@ -201,8 +203,12 @@ class GatewayApp:
         request = Request(scope, receive, self.max_body)
         ctx = RequestContext(_request_id(request), request.api_key())
         try:
-            handler = self._resolve(scope["path"], scope["method"])
-            reply = await handler(request, ctx)
+            path = scope["path"]
+            if path.startswith("/admin/") and AdminRoutes.handles(path):
+                await self.pipeline.authenticate(ctx)
+                reply = await self.admin.dispatch(scope["method"], path, request, ctx)
+            else:
+                reply = await self._resolve(path, scope["method"])(request, ctx)
         except ClientDisconnected:
             return
         except Exception as exc:  # noqa: BLE001 - mapped to an error response in one place
@@ -249,7 +255,7 @@ class GatewayApp:
 
     async def chat_completions(self, request: Request, ctx: RequestContext) -> Reply:
         ctx.propagate = _propagated(request)
-        body = self.pipeline.prepare_chat(ctx, await request.json())
+        body = await self.pipeline.prepare_chat(ctx, await request.json())
         if body.get("stream"):
             return await self.pipeline.chat_stream(ctx, body)
         return 200, await self.pipeline.chat(ctx, body)
@@ -259,7 +265,7 @@ class GatewayApp:
         return 200, await self.pipeline.embeddings(ctx, await request.json())
 
     async def models(self, request: Request, ctx: RequestContext) -> Reply:
-        return 200, self.pipeline.list_models(ctx)
+        return 200, await self.pipeline.list_models(ctx)
 
     async def live(self, request: Request, ctx: RequestContext) -> Reply:
         return 200, {"status": "live"}
