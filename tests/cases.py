@@ -33,6 +33,7 @@ class ProviderCase:
     emulator: Callable[[], Emulator] | None
     provider_config: Callable[[str | None], dict[str, Any]]
     chat_model: str = "chat"
+    embed_model: str = "embed"
     opt_outs: dict[str, str] = field(default_factory=dict)
 
     def __str__(self) -> str:
@@ -50,6 +51,7 @@ CASES: list[ProviderCase] = [
         emulator=None,
         provider_config=lambda url: {"kind": "demo"},
         chat_model="demo",
+        embed_model="demo-embedding",
         opt_outs={
             "errors": "the demo model never fails except with '-fail' models",
             "drop": "the demo model has no connection to drop",

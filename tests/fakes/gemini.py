@@ -30,7 +30,7 @@ The key is read from ``x-goog-api-key`` or ``?key=``. The model name picks the b
 - ``tools``           a function call of the first declared function
 - tools declared and ``toolConfig`` mode ``ANY`` → a call of the first allowed function, args
   ``{"location": "Paris"}``; every function call carries a ``thoughtSignature``
-- the last turn holds function responses → "The tool returned: ..."
+- the last turn ends with function responses → "The tool returned: ..."
 - anything else (``chat``)  echo the last user text; ``maxOutputTokens`` cuts it (``MAX_TOKENS``)
 """
 
@@ -274,7 +274,7 @@ class GeminiEmulator(Emulator):
             ]
         last = body["contents"][-1]
         results = [p["functionResponse"] for p in last["parts"] if "functionResponse" in p]
-        if results:
+        if results and "text" not in last["parts"][-1]:
             return [{"text": "The tool returned: " + json.dumps(results[0]["response"])}]
         text = " ".join(p["text"] for p in last["parts"] if "text" in p)
         return [{"text": f"echo: {text}"}]
