@@ -92,9 +92,23 @@ class ProviderConfig(_Strict):
     )
     max_connections: int = Field(100, ge=1)
     keepalive_s: float = Field(60.0, ge=0)
+    rpm: int | None = Field(None, ge=1, description="client-side limit: requests per minute")
+    tpm: int | None = Field(None, ge=1, description="client-side limit: tokens per minute")
+    throttle_wait_s: float = Field(
+        1.0, ge=0, description="wait this long for the client-side limit, else fail over at once"
+    )
+    max_retries: int = Field(1, ge=0, le=10, description="retries of a retryable failure")
+    retry_backoff_s: float = Field(0.25, ge=0)
+    retry_backoff_max_s: float = Field(4.0, ge=0)
+    headers: dict[str, str] = Field(default_factory=dict)
+
+
+class LimitsConfig(_Strict):
+    """Global limits, shared by every key (across replicas when Redis is configured)."""
+
     rpm: int | None = Field(None, ge=1)
     tpm: int | None = Field(None, ge=1)
-    headers: dict[str, str] = Field(default_factory=dict)
+    max_parallel: int | None = Field(None, ge=1)
 
 
 class DeploymentConfig(_Strict):
@@ -110,6 +124,7 @@ class Config(_Strict):
     redis: RedisConfig = Field(default_factory=RedisConfig)
     cache: CacheConfig | None = None
     auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, list[DeploymentConfig]] = Field(default_factory=dict)
@@ -236,9 +251,7 @@ def _format_validation(exc: ValidationError, prefix: str = "") -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
-def parse_config(
-    data: Any, *, source: str = "<config>", environ: Mapping[str, str] | None = None
-) -> Config:
+def parse_config(data: Any, *, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed mapping (references are resolved first)."""
     if data is None:
         data = {}
@@ -259,9 +272,7 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         text = p.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(
-            f"cannot read config file {p} ({exc.strerror}); check the --config path"
-        ) from None
+        raise ConfigError(f"cannot read config file {p} ({exc.strerror}); check the --config path") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -13,6 +13,9 @@ from .config import Config
 from .pipeline import Pipeline
 from .providers import registry
 from .providers.base import Provider
+from .resilience.admission import Admission
+from .resilience.ratelimit import Limits, ProviderThrottle, build_rate_limiter
+from .resilience.retry import RetryPolicy
 from .routing.catalog import Catalog
 from .security.auth import Authenticator
 from .security.keycache import KeyCache
@@ -35,7 +38,23 @@ class Gateway:
             self.keys, ttl_s=config.auth.key_cache_ttl_s, negative_ttl_s=config.auth.key_negative_ttl_s
         )
         self.authenticator = Authenticator(config.auth, virtual=self.key_cache)
-        self.pipeline = Pipeline(self.authenticator, self.catalog)
+        self.limiter = build_rate_limiter(config.redis.url)
+        limits = config.limits
+        self.pipeline = Pipeline(
+            self.authenticator,
+            self.catalog,
+            Admission(self.limiter, Limits(limits.rpm, limits.tpm, limits.max_parallel)),
+            retries={
+                name: RetryPolicy(p.max_retries, p.retry_backoff_s, p.retry_backoff_max_s)
+                for name, p in config.providers.items()
+            },
+            throttles={
+                name: ProviderThrottle(name, p.rpm, p.tpm)
+                for name, p in config.providers.items()
+                if p.rpm or p.tpm
+            },
+            throttle_wait_s={name: p.throttle_wait_s for name, p in config.providers.items()},
+        )
         self.ready = False
 
     async def start(self) -> None:
@@ -49,10 +68,9 @@ class Gateway:
 
     async def close(self) -> None:
         self.ready = False
-        results = await asyncio.gather(
-            *(p.close() for p in self.providers.values()), return_exceptions=True
-        )
+        results = await asyncio.gather(*(p.close() for p in self.providers.values()), return_exceptions=True)
         for provider, result in zip(self.providers.values(), results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("closing provider %s failed: %s", provider.name, result)
+        await self.limiter.close()
         await self.db.dispose()

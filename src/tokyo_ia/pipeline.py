@@ -2,8 +2,9 @@
 
 ::
 
-    authenticate → validate → authorize model → route (ordered candidates)
-    → call provider (failover across deployments before the first byte) → response
+    authenticate → validate → authorize model → admit (rate limits, concurrency)
+    → route (ordered candidates) → call provider (retry with backoff, then fail over to the
+    next deployment, only before the first byte) → response → settle (real token usage)
 
 Each stage is a small object owned by :class:`~tokyo_ia.gateway.Gateway`; this module only
 strings them together. The HTTP layer parses bytes and writes responses; it holds no logic.
@@ -12,8 +13,9 @@ Later stages (rate limits, budgets, guardrails, cache, accounting) slot in here.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -24,6 +26,10 @@ from .errors import (
     UpstreamError,
 )
 from .providers.base import JSON, ChatCall, EmbedCall
+from .resilience.admission import Admission, Admitted
+from .resilience.ratelimit import ProviderThrottle
+from .resilience.ratelimit import headers as ratelimit_headers
+from .resilience.retry import RetryPolicy
 from .routing.catalog import Catalog, Deployment
 from .schema.chat import validate_chat, validate_embeddings, wants_usage
 from .security.auth import Authenticator, Principal
@@ -43,6 +49,7 @@ class RequestContext:
     attempts: int = 0
     usage: JSON | None = None
     propagate: dict[str, str] = field(default_factory=dict)
+    admitted: Admitted | None = None
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.request_id.encode())]
@@ -51,6 +58,8 @@ class RequestContext:
             headers.append((b"x-tokyo-ia-model", self.deployment.model.encode()))
         if self.attempts:
             headers.append((b"x-tokyo-ia-attempts", str(self.attempts).encode()))
+        if self.admitted is not None and self.admitted.decision is not None:
+            headers.extend(ratelimit_headers(self.admitted.decision))
         return headers
 
 
@@ -62,8 +71,9 @@ class ChatStream:
     rest: AsyncIterator[JSON]
     include_usage: bool
     ctx: RequestContext
+    finish: Callable[[RequestContext], Awaitable[None]]
 
-    async def chunks(self) -> AsyncIterator[JSON]:
+    async def chunks(self) -> AsyncGenerator[JSON, None]:
         """The chunks for the client: usage kept for accounting, shown only if asked for."""
         try:
             chunk: JSON | None = self.first
@@ -79,7 +89,10 @@ class ChatStream:
                 yield chunk
                 chunk = await anext(self.rest, None)
         finally:
-            await _aclose(self.rest)
+            try:
+                await _aclose(self.rest)
+            finally:
+                await self.finish(self.ctx)
 
 
 async def _aclose(iterator: AsyncIterator[Any]) -> None:
@@ -89,10 +102,25 @@ async def _aclose(iterator: AsyncIterator[Any]) -> None:
 
 
 class Pipeline:
-    def __init__(self, authenticator: Authenticator, catalog: Catalog, deadline_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        catalog: Catalog,
+        admission: Admission,
+        *,
+        retries: dict[str, RetryPolicy] | None = None,
+        throttles: dict[str, ProviderThrottle] | None = None,
+        throttle_wait_s: dict[str, float] | None = None,
+        deadline_s: float = 600.0,
+    ) -> None:
         self.auth = authenticator
         self.catalog = catalog
+        self.admission = admission
+        self.retries = retries or {}
+        self.throttles = throttles or {}
+        self.throttle_wait_s = throttle_wait_s or {}
         self.deadline_s = deadline_s
+        self._no_retry = RetryPolicy(max_retries=0)
 
     async def authenticate(self, ctx: RequestContext) -> Principal:
         ctx.principal = await self.auth.authenticate(ctx.api_key)
@@ -107,29 +135,50 @@ class Pipeline:
         ]
         return {"object": "list", "data": data}
 
-    def _route(self, ctx: RequestContext, model: str) -> list[Deployment]:
-        assert ctx.principal is not None
-        self.auth.authorize_model(ctx.principal, model)
-        return self.catalog.candidates(model)
-
     async def prepare_chat(self, ctx: RequestContext, body: Any) -> JSON:
         """Authenticate and validate; the HTTP layer then picks chat or chat_stream."""
         await self.authenticate(ctx)
         return validate_chat(body)
 
+    async def _admit(self, ctx: RequestContext, body: JSON) -> list[Deployment]:
+        """Authorize the model, count the request against its limits, list the candidates."""
+        assert ctx.principal is not None
+        self.auth.authorize_model(ctx.principal, body["model"])
+        candidates = self.catalog.candidates(body["model"])
+        ctx.admitted = await self.admission.admit(ctx.principal, body)
+        return candidates
+
+    async def _finish(self, ctx: RequestContext) -> None:
+        """Release concurrency slots and charge real token usage."""
+        admitted = ctx.admitted
+        if admitted is None:
+            return
+        try:
+            await admitted.release()
+        finally:
+            usage = ctx.usage
+            if usage and ctx.deployment is not None:
+                throttle = self.throttles.get(ctx.deployment.provider.name)
+                if throttle is not None:
+                    throttle.add_tokens(int(usage.get("total_tokens") or 0) - admitted.tokens)
+            await self.admission.settle(admitted, usage)
+
     async def chat(self, ctx: RequestContext, body: JSON) -> JSON:
         """A complete answer for a request that went through :meth:`prepare_chat`."""
-        candidates = self._route(ctx, body["model"])
+        candidates = await self._admit(ctx, body)
 
         async def attempt(d: Deployment) -> JSON:
             return await d.provider.chat(self._chat_call(ctx, body, d))
 
-        response = await self._failover(ctx, candidates, attempt)
-        ctx.usage = response.get("usage")
+        try:
+            response = await self._failover(ctx, candidates, attempt)
+            ctx.usage = response.get("usage")
+        finally:
+            await self._finish(ctx)
         return response
 
     async def chat_stream(self, ctx: RequestContext, body: JSON) -> ChatStream:
-        """Start a stream: failover is possible until the first chunk has arrived."""
+        """Start a stream: retries and failover are possible until the first chunk arrived."""
 
         async def attempt(d: Deployment) -> tuple[JSON, AsyncIterator[JSON]]:
             stream = d.provider.stream(self._chat_call(ctx, body, d))
@@ -147,19 +196,28 @@ class Pipeline:
                 raise
             return first, stream
 
-        first, rest = await self._failover(ctx, self._route(ctx, body["model"]), attempt)
-        return ChatStream(first, rest, wants_usage(body), ctx)
+        candidates = await self._admit(ctx, body)
+        try:
+            first, rest = await self._failover(ctx, candidates, attempt)
+        except BaseException:
+            await self._finish(ctx)
+            raise
+        return ChatStream(first, rest, wants_usage(body), ctx, self._finish)
 
     async def embeddings(self, ctx: RequestContext, body: Any) -> JSON:
         await self.authenticate(ctx)
         body = validate_embeddings(body)
+        candidates = await self._admit(ctx, body)
 
         async def attempt(d: Deployment) -> JSON:
             call = EmbedCall(body, d.model, ctx.request_id, self._deadline(ctx), ctx.propagate)
             return await d.provider.embed(call)
 
-        response = await self._failover(ctx, self._route(ctx, body["model"]), attempt)
-        ctx.usage = response.get("usage")
+        try:
+            response = await self._failover(ctx, candidates, attempt)
+            ctx.usage = response.get("usage")
+        finally:
+            await self._finish(ctx)
         return response
 
     def _deadline(self, ctx: RequestContext) -> float:
@@ -174,19 +232,37 @@ class Pipeline:
         candidates: list[Deployment],
         attempt: Callable[[Deployment], Awaitable[T]],
     ) -> T:
-        """Try deployments in order; move on only after a retryable upstream failure."""
+        """Try each deployment in order, retrying retryable failures per its policy.
+
+        A non-retryable error (the caller's mistake, bad credentials) is returned at once.
+        """
         failures: list[tuple[Deployment, UpstreamError]] = []
+        deadline = self._deadline(ctx)
+        tokens = ctx.admitted.tokens if ctx.admitted is not None else 0
         for deployment in candidates:
             ctx.deployment = deployment
-            ctx.attempts += 1
-            try:
-                return await attempt(deployment)
-            except UpstreamError as exc:
-                if not exc.retryable:
-                    raise
-                failures.append((deployment, exc))
-                if time.monotonic() >= self._deadline(ctx):
-                    break
+            name = deployment.provider.name
+            policy = self.retries.get(name, self._no_retry)
+            throttle = self.throttles.get(name)
+            retry = 0
+            while True:
+                ctx.attempts += 1
+                try:
+                    if throttle is not None:
+                        wait = min(self.throttle_wait_s.get(name, 1.0), max(0.0, deadline - time.monotonic()))
+                        await throttle.wait_or_fail(tokens, wait)
+                    return await attempt(deployment)
+                except UpstreamError as exc:
+                    if not exc.retryable:
+                        raise
+                    delay = policy.delay(retry, exc, deadline - time.monotonic())
+                    if delay is None:
+                        failures.append((deployment, exc))
+                        break
+                    retry += 1
+                    await asyncio.sleep(delay)
+            if time.monotonic() >= deadline:
+                break
         raise _exhausted(failures)
 
 
@@ -202,6 +278,4 @@ def _exhausted(failures: list[tuple[Deployment, UpstreamError]]) -> GatewayError
             retry_after=min(waits) if waits else None,
             code="upstream_rate_limited",
         )
-    return NoHealthyDeploymentError(
-        f"no deployment could serve the request; tried {len(failures)}: {tried}"
-    )
+    return NoHealthyDeploymentError(f"no deployment could serve the request; tried {len(failures)}: {tried}")

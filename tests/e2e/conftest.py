@@ -32,6 +32,7 @@ def emu_gateway(openai_emu: OpenAIEmulator) -> Iterator[GatewayProcess]:
                 {"provider": "backup", "model": "gpt-4o-mini"},
             ],
             "slow": [{"provider": "up", "model": "slow-5000"}],
+            "flaky": [{"provider": "up", "model": "flaky-1"}],
             "trickle": [{"provider": "up", "model": "trickle"}],
             "drop": [{"provider": "up", "model": "drop"}],
             "demo": [{"provider": "demo", "model": "demo"}],

@@ -29,8 +29,12 @@ WEATHER_TOOL: Any = {
         },
     },
 }
-ERRORS = [(400, openai.BadRequestError, 400), (429, openai.RateLimitError, 429),
-          (500, openai.InternalServerError, 502), (503, openai.InternalServerError, 502)]
+ERRORS = [
+    (400, openai.BadRequestError, 400),
+    (429, openai.RateLimitError, 429),
+    (500, openai.InternalServerError, 502),
+    (503, openai.InternalServerError, 502),
+]
 
 
 class Env:
@@ -53,9 +57,11 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
         emulator.start()
     try:
         provider = case.provider_config(emulator.url if emulator else None)
-        models: dict[str, Any] = {"chat": [{"provider": "p", "model": case.chat_model}],
-                                  "drop": [{"provider": "p", "model": "drop"}],
-                                  "embed": [{"provider": "p", "model": case.embed_model}]}
+        models: dict[str, Any] = {
+            "chat": [{"provider": "p", "model": case.chat_model}],
+            "drop": [{"provider": "p", "model": "drop"}],
+            "embed": [{"provider": "p", "model": case.embed_model}],
+        }
         for status, _, _ in ERRORS:
             models[f"err-{status}"] = [{"provider": "p", "model": f"error-{status}"}]
         with GatewayProcess({"providers": {"p": provider}, "models": models}) as gateway:
@@ -81,9 +87,11 @@ def test_chat(env: Env) -> None:
 
 
 def test_stream_with_usage(env: Env) -> None:
-    chunks = list(env.client.chat.completions.create(
-        model="chat", messages=_user("stream 4712"), stream=True, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        env.client.chat.completions.create(
+            model="chat", messages=_user("stream 4712"), stream=True, stream_options={"include_usage": True}
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert "stream 4712" in text
@@ -111,8 +119,11 @@ def test_tool_call(env: Env) -> None:
 
 def test_streamed_tool_call(env: Env) -> None:
     stream = env.client.chat.completions.create(
-        model="chat", messages=_user("weather in Paris?"), tools=[WEATHER_TOOL],
-        tool_choice={"type": "function", "function": {"name": "get_weather"}}, stream=True,
+        model="chat",
+        messages=_user("weather in Paris?"),
+        tools=[WEATHER_TOOL],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        stream=True,
     )
     ids, names, args, finish = set(), "", "", None
     for chunk in stream:

@@ -54,15 +54,18 @@ def test_public_bind_without_auth_is_refused(tmp_path: Path) -> None:
 
 
 def test_sigterm_lets_in_flight_requests_finish() -> None:
-    config = {"providers": {"demo": {"kind": "demo", "latency_ms": 1500}},
-              "models": {"slow-demo": [{"provider": "demo", "model": "demo"}]}}
+    config = {
+        "providers": {"demo": {"kind": "demo", "latency_ms": 1500}},
+        "models": {"slow-demo": [{"provider": "demo", "model": "demo"}]},
+    }
     gw = GatewayProcess(config).start()
     result: dict[str, Any] = {}
 
     def call() -> None:
         body = json.dumps({"model": "slow-demo", "messages": [{"role": "user", "content": "hi"}]}).encode()
-        req = urllib.request.Request(gw.url + "/v1/chat/completions", data=body,
-                                     headers={"content-type": "application/json"})
+        req = urllib.request.Request(
+            gw.url + "/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=10) as resp:
             result["status"] = resp.status
             result["body"] = json.loads(resp.read())

@@ -61,6 +61,13 @@ def test_failover_to_next_deployment(emu_gateway: GatewayProcess) -> None:
     raw = client(emu_gateway).chat.completions.with_raw_response.create(model="failover", messages=USER)
     assert raw.parse().choices[0].message.content == "echo: hello gateway"
     assert raw.headers["x-tokyo-ia-provider"] == "backup"
+    assert raw.headers["x-tokyo-ia-attempts"] == "3"  # up, up again (one retry), then backup
+
+
+def test_retry_with_backoff_on_the_same_deployment(emu_gateway: GatewayProcess) -> None:
+    raw = client(emu_gateway).chat.completions.with_raw_response.create(model="flaky", messages=USER)
+    assert raw.parse().choices[0].message.content == "echo: hello gateway"
+    assert raw.headers["x-tokyo-ia-provider"] == "up"
     assert raw.headers["x-tokyo-ia-attempts"] == "2"
 
 
@@ -163,7 +170,9 @@ def test_invalid_utf8_is_rejected(emu_gateway: GatewayProcess) -> None:
 def test_body_over_the_limit_is_413(emu_gateway: GatewayProcess) -> None:
     big = json.dumps({"model": "demo", "messages": [{"role": "user", "content": "x" * 70000}]})
     with pytest.raises(openai.APIStatusError) as info:
-        client(emu_gateway).chat.completions.create(model="demo", messages=[{"role": "user", "content": "x" * 70000}])
+        client(emu_gateway).chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "x" * 70000}]
+        )
     assert info.value.status_code == 413
     assert "max_body_bytes" in str(info.value.body)
     status, _ = _post(emu_gateway, big.encode())

@@ -23,7 +23,9 @@ HELLO = {"model": "public", "messages": [{"role": "user", "content": "hi there"}
 
 @pytest.fixture
 async def provider(fresh_openai_emu: OpenAIEmulator) -> AsyncIterator[Provider]:
-    yield await _provider(fresh_openai_emu.url + "/v1")
+    p = await _provider(fresh_openai_emu.url + "/v1")
+    yield p
+    await p.close()
 
 
 async def _provider(base_url: str, **extra: Any) -> Provider:

@@ -35,11 +35,9 @@ def kinds() -> list[str]:
 def provider_class(kind: str, where: str = "kind") -> type[Provider]:
     target = _KINDS.get(kind)
     if target is None:
-        raise ConfigError(
-            f"{where}: unknown provider kind '{kind}'; use one of: {', '.join(kinds())}"
-        )
+        raise ConfigError(f"{where}: unknown provider kind '{kind}'; use one of: {', '.join(kinds())}")
     module_name, _, attr = target.partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
+    cls: type[Provider] = getattr(importlib.import_module(module_name), attr)
     assert issubclass(cls, Provider)
     return cls
 

@@ -7,7 +7,7 @@ field (as ``param``) and says what to send instead.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from ..errors import InvalidRequestError
 
@@ -90,15 +90,14 @@ def _check_message(i: int, message: Any) -> None:
         )
 
 
-def validate_chat(body: Any) -> dict[str, Any]:
+def validate_chat(raw: Any) -> dict[str, Any]:
     """Validate a chat-completions request; return it unchanged."""
-    body = require_object(body)
+    body = require_object(raw)
     require_model(body)
     messages = body.get("messages")
     if messages is None:
         raise _fail(
-            "'messages' is required: a non-empty list such as "
-            '[{"role": "user", "content": "Hello"}]',
+            '\'messages\' is required: a non-empty list such as [{"role": "user", "content": "Hello"}]',
             param="messages",
             code="missing_messages",
         )
@@ -114,15 +113,18 @@ def validate_chat(body: Any) -> dict[str, Any]:
         raise _fail("'stream' must be true or false", param="stream")
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
-        raise _fail('\'stream_options\' must be an object like {"include_usage": true}', param="stream_options")
+        raise _fail(
+            "'stream_options' must be an object like {\"include_usage\": true}", param="stream_options"
+        )
     for name, (types, low, high) in _NUMBERS.items():
-        value = body.get(name)
+        value: Any = body.get(name)
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, types):
             kind = "an integer" if types == (int,) else "a number"
             raise _fail(f"'{name}' must be {kind}, got {value!r}", param=name)
-        if (low is not None and value < low) or (high is not None and value > high):
+        number = float(cast(float, value))
+        if (low is not None and number < low) or (high is not None and number > high):
             bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
             raise _fail(f"'{name}' must be {bounds}, got {value}", param=name)
     tools = body.get("tools")
@@ -131,8 +133,8 @@ def validate_chat(body: Any) -> dict[str, Any]:
     return body
 
 
-def validate_embeddings(body: Any) -> dict[str, Any]:
-    body = require_object(body)
+def validate_embeddings(raw: Any) -> dict[str, Any]:
+    body = require_object(raw)
     require_model(body)
     value = body.get("input")
     if isinstance(value, str) and value:
