@@ -113,13 +113,13 @@ def validate(body: Any) -> None:
 
 
 def _check_tool_results(messages: list[dict[str, Any]], i: int) -> None:
-    content = messages[i].get("content")
+    content: Any = messages[i].get("content") or []
     if isinstance(content, str):
         return
     results = [b["tool_use_id"] for b in content if b.get("type") == "tool_result"]
     if not results:
         return
-    previous = messages[i - 1].get("content") if i > 0 else []
+    previous: Any = (messages[i - 1].get("content") if i > 0 else None) or []
     uses = {b["id"] for b in previous if isinstance(b, dict) and b.get("type") == "tool_use"}
     for tool_use_id in results:
         if tool_use_id not in uses:

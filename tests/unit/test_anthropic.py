@@ -13,8 +13,9 @@ import pytest
 
 from tests.fakes.anthropic import AnthropicEmulator
 from tests.fakes.base import free_port
-from tokyo_ia.config import ConfigError, parse_config
+from tokyo_ia.config import parse_config
 from tokyo_ia.errors import (
+    ConfigError,
     UpstreamBadRequestError,
     UpstreamError,
     UpstreamRateLimitError,
@@ -29,15 +30,23 @@ WEATHER = {
     "function": {
         "name": "get_weather",
         "description": "Get the current weather in a given location",
-        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]},
+        "parameters": {
+            "type": "object",
+            "properties": {"location": {"type": "string"}},
+            "required": ["location"],
+        },
     },
 }
 
 
 @pytest.fixture(scope="module")
 def emu() -> Iterator[AnthropicEmulator]:
-    with AnthropicEmulator() as emulator:
+    emulator = AnthropicEmulator()
+    emulator.start()
+    try:
         yield emulator
+    finally:
+        emulator.stop()
 
 
 def make_provider(url: str, **extra: Any) -> AnthropicProvider:
@@ -69,11 +78,13 @@ async def collect(provider: AnthropicProvider, c: ChatCall) -> list[dict[str, An
 
 
 def test_config_is_typed_and_strict() -> None:
-    config = parse_config({"providers": {"c": {"kind": "anthropic", "api_key": "k", "default_max_tokens": 99}}})
+    config = parse_config(
+        {"providers": {"c": {"kind": "anthropic", "api_key": "k", "default_max_tokens": 99}}}
+    )
     section = config.providers["c"]
     assert isinstance(section, AnthropicConfig)
     assert (section.default_max_tokens, section.anthropic_version) == (99, "2023-06-01")
-    with pytest.raises(ConfigError, match="providers.c"):
+    with pytest.raises(ConfigError, match=r"providers\.c"):
         parse_config({"providers": {"c": {"kind": "anthropic", "max_tokenz": 1}}})
 
 
@@ -181,7 +192,10 @@ async def test_image_parts_reach_the_upstream(provider: AnthropicProvider, emu: 
     ]
     await provider.chat(call("chat", [{"role": "user", "content": content}]))
     sent = emu.requests[-1].body["messages"][0]["content"]
-    assert sent[1] == {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    assert sent[1] == {
+        "type": "image",
+        "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="},
+    }
 
 
 # -- streams -----------------------------------------------------------------------------

@@ -97,13 +97,18 @@ def test_cache_control_is_kept_and_forces_block_system() -> None:
     marker = {"type": "ephemeral"}
     body = {
         "messages": [
-            {"role": "system", "content": [{"type": "text", "text": "Long book...", "cache_control": marker}]},
+            {
+                "role": "system",
+                "content": [{"type": "text", "text": "Long book...", "cache_control": marker}],
+            },
             {"role": "user", "content": [{"type": "text", "text": "Summarise", "cache_control": marker}]},
         ]
     }
     payload = translate(body)
     assert payload["system"] == [{"type": "text", "text": "Long book...", "cache_control": marker}]
-    assert payload["messages"][0]["content"] == [{"type": "text", "text": "Summarise", "cache_control": marker}]
+    assert payload["messages"][0]["content"] == [
+        {"type": "text", "text": "Summarise", "cache_control": marker}
+    ]
 
 
 def test_images_data_url_and_http_url() -> None:
@@ -120,17 +125,26 @@ def test_images_data_url_and_http_url() -> None:
         ]
     }
     assert translate(body)["messages"][0]["content"] == [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQSkZJRg=="}},
+        {
+            "type": "image",
+            "source": {"type": "base64", "media_type": "image/jpeg", "data": "/9j/4AAQSkZJRg=="},
+        },
         {"type": "image", "source": {"type": "url", "url": "https://upload.wikimedia.org/ant.jpg"}},
         {"type": "text", "text": "Compare these images."},
     ]
 
 
 def test_pdf_file_part_becomes_document() -> None:
-    part = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}}
+    part = {
+        "type": "file",
+        "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0="},
+    }
     content = translate({"messages": [{"role": "user", "content": [part]}]})["messages"][0]["content"]
     assert content == [
-        {"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="}}
+        {
+            "type": "document",
+            "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBERi0="},
+        }
     ]
 
 
@@ -190,7 +204,13 @@ def test_tool_round_trip_matches_reference_example() -> None:
         },
         {
             "role": "user",
-            "content": [{"type": "tool_result", "tool_use_id": "toolu_01A09q90qw90lq917835lq9", "content": "15 degrees"}],
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_01A09q90qw90lq917835lq9",
+                    "content": "15 degrees",
+                }
+            ],
         },
     ]
 
@@ -234,7 +254,11 @@ def test_bad_tool_arguments_are_a_400() -> None:
         ("auto", None, {"type": "auto"}),
         ("required", None, {"type": "any"}),
         ("none", None, {"type": "none"}),
-        ({"type": "function", "function": {"name": "get_weather"}}, None, {"type": "tool", "name": "get_weather"}),
+        (
+            {"type": "function", "function": {"name": "get_weather"}},
+            None,
+            {"type": "tool", "name": "get_weather"},
+        ),
         (None, False, {"type": "auto", "disable_parallel_tool_use": True}),
         ("required", False, {"type": "any", "disable_parallel_tool_use": True}),
         ("none", False, {"type": "none"}),
@@ -381,7 +405,12 @@ def test_tool_only_response_has_null_content() -> None:
 
 
 def test_usage_with_prompt_caching_reference_numbers() -> None:
-    usage = {"input_tokens": 50, "cache_read_input_tokens": 100000, "cache_creation_input_tokens": 248, "output_tokens": 503}
+    usage = {
+        "input_tokens": 50,
+        "cache_read_input_tokens": 100000,
+        "cache_creation_input_tokens": 248,
+        "output_tokens": 503,
+    }
     assert convert_usage(usage) == {
         "prompt_tokens": 100298,
         "completion_tokens": 503,
@@ -418,7 +447,7 @@ def test_error_message_of_reference_error_body() -> None:
 # -- streams -----------------------------------------------------------------------------
 
 # The "streaming request with tool use" example of Anthropic's streaming guide.
-TOOL_STREAM = [
+TOOL_STREAM: list[dict[str, Any]] = [
     {
         "type": "message_start",
         "message": {
@@ -437,22 +466,55 @@ TOOL_STREAM = [
     {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Okay"}},
     {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": ","}},
     {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " let"}},
-    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "'s check the weather:"}},
+    {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "'s check the weather:"},
+    },
     {"type": "content_block_stop", "index": 0},
     {
         "type": "content_block_start",
         "index": 1,
-        "content_block": {"type": "tool_use", "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6", "name": "get_weather", "input": {}},
+        "content_block": {
+            "type": "tool_use",
+            "id": "toolu_01T1x1fJ34qAmk2tNTrN7Up6",
+            "name": "get_weather",
+            "input": {},
+        },
     },
     {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": ""}},
-    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"location":'}},
-    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": ' "San'}},
-    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": " Francisc"}},
-    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": 'o,'}},
-    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": ' CA"'}},
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": '{"location":'},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": ' "San'},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": " Francisc"},
+    },
+    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "o,"}},
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": ' CA"'},
+    },
     {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": ", "}},
-    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '"unit": "fah'}},
-    {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": 'renheit"}'}},
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": '"unit": "fah'},
+    },
+    {
+        "type": "content_block_delta",
+        "index": 1,
+        "delta": {"type": "input_json_delta", "partial_json": 'renheit"}'},
+    },
     {"type": "content_block_stop", "index": 1},
     {
         "type": "message_delta",
@@ -499,7 +561,9 @@ def test_tool_use_stream_of_reference_example() -> None:
 
 
 def test_two_parallel_tool_calls_get_their_own_indexes() -> None:
-    events: list[dict[str, Any]] = [{"type": "message_start", "message": {"id": "m", "model": "c", "usage": {}}}]
+    events: list[dict[str, Any]] = [
+        {"type": "message_start", "message": {"id": "m", "model": "c", "usage": {}}}
+    ]
     for block, name in ((0, "a"), (1, "b")):
         start = {"type": "tool_use", "id": f"toolu_{name}", "name": name, "input": {}}
         events.append({"type": "content_block_start", "index": block, "content_block": start})
@@ -507,11 +571,16 @@ def test_two_parallel_tool_calls_get_their_own_indexes() -> None:
         events.append({"type": "content_block_delta", "index": block, "delta": delta})
     _, chunks = run(events)
     calls = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", [])]
-    assert [(tc["index"], tc.get("id")) for tc in calls] == [(0, "toolu_a"), (0, None), (1, "toolu_b"), (1, None)]
+    assert [(tc["index"], tc.get("id")) for tc in calls] == [
+        (0, "toolu_a"),
+        (0, None),
+        (1, "toolu_b"),
+        (1, None),
+    ]
 
 
 def test_thinking_deltas_and_unknown_events_are_ignored() -> None:
-    events = [
+    events: list[dict[str, Any]] = [
         {"type": "message_start", "message": {"id": "m", "model": "c", "usage": {"input_tokens": 3}}},
         {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": ""}},
         {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "hmm"}},
@@ -527,8 +596,11 @@ def test_thinking_deltas_and_unknown_events_are_ignored() -> None:
 
 
 def test_message_delta_cumulative_usage_replaces_start_numbers() -> None:
-    events = [
-        {"type": "message_start", "message": {"id": "m", "model": "c", "usage": {"input_tokens": 5, "output_tokens": 1}}},
+    events: list[dict[str, Any]] = [
+        {
+            "type": "message_start",
+            "message": {"id": "m", "model": "c", "usage": {"input_tokens": 5, "output_tokens": 1}},
+        },
         {
             "type": "message_delta",
             "delta": {"stop_reason": "end_turn"},

@@ -136,9 +136,7 @@ def completion_to_chunks(response: JSON) -> list[JSON]:
         if message.get("content") is not None:
             delta["content"] = message["content"]
         if message.get("tool_calls"):
-            delta["tool_calls"] = [
-                {"index": i, **call} for i, call in enumerate(message["tool_calls"])
-            ]
+            delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(message["tool_calls"])]
         idx = choice.get("index", 0)
         chunks.append({**base, "choices": [{"index": idx, "delta": delta, "finish_reason": None}]})
         chunks.append(

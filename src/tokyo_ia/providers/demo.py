@@ -193,15 +193,22 @@ class DemoProvider(Provider):
         message = response["choices"][0]["message"]
 
         def chunk(delta: JSON, finish: str | None = None) -> JSON:
-            return {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            return {
+                **base,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
 
         yield chunk({"role": "assistant", "content": "" if message["content"] is not None else None})
         for piece in _pieces(message["content"] or ""):
             await self._delay(self.cfg.chunk_delay_ms)
             yield chunk({"content": piece})
         for i, tc in enumerate(message.get("tool_calls") or []):
-            head = {"index": i, "id": tc["id"], "type": "function",
-                    "function": {"name": tc["function"]["name"], "arguments": ""}}
+            head = {
+                "index": i,
+                "id": tc["id"],
+                "type": "function",
+                "function": {"name": tc["function"]["name"], "arguments": ""},
+            }
             yield chunk({"tool_calls": [head]})
             for piece in _pieces(tc["function"]["arguments"], size=8):
                 await self._delay(self.cfg.chunk_delay_ms)

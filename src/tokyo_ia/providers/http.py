@@ -164,8 +164,7 @@ class HTTPTransport:
         where = f"provider '{self.provider}' at {self.base_url}"
         if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
             return UpstreamTimeoutError(
-                f"{where} did not answer in time; raise providers.{self.provider}.timeout_s "
-                "or try again",
+                f"{where} did not answer in time; raise providers.{self.provider}.timeout_s or try again",
                 provider=self.provider,
             )
         if isinstance(exc, aiohttp.ClientConnectorError):
@@ -201,7 +200,7 @@ class HTTPTransport:
             ) as resp:
                 body = await resp.read()
                 return resp.status, resp.headers, body
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._convert(exc, url) from exc
 
     @contextlib.asynccontextmanager
@@ -223,7 +222,7 @@ class HTTPTransport:
             resp = await self.session.post(
                 url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout(remaining)
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._convert(exc, url) from exc
         finished = False
         try:
@@ -258,5 +257,5 @@ class HTTPTransport:
                     event = value
             if data:
                 yield SSEEvent(event or "message", "\n".join(data))
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._convert(exc, self.base_url) from exc

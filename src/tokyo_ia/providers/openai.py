@@ -55,9 +55,7 @@ class OpenAIProvider(Provider):
 
     def _error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamError:
         message, code = _error_message(body)
-        return error_for_status(
-            self.name, status, message, code=code, retry_after=parse_retry_after(headers)
-        )
+        return error_for_status(self.name, status, message, code=code, retry_after=parse_retry_after(headers))
 
     async def chat(self, call: ChatCall) -> JSON:
         payload = {**call.body, "model": call.model}
