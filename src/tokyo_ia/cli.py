@@ -60,8 +60,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "network could use your providers. Set auth.master_key (or auth.keys), bind "
             "127.0.0.1, or pass --insecure if this is really what you want"
         )
-    source = str(Path(args.config).resolve()) if args.config else (
-        os.environ.get("TOKYO_IA_CONFIG") or "embedded default"
+    source = (
+        str(Path(args.config).resolve())
+        if args.config
+        else (os.environ.get("TOKYO_IA_CONFIG") or "embedded default")
     )
     if config.store.url.startswith("sqlite"):
         # The embedded database migrates itself, once, before any worker starts.
@@ -97,6 +99,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import format_table, run_doctor
+
+    reports = asyncio.run(run_doctor(_load(args.config), timeout=args.timeout))
+    print(format_table(reports))
+    return 0 if all(r.result.ok for r in reports) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokyo-ia", description="Self-hosted AI gateway")
     parser.add_argument("--version", action="version", version=f"tokyo-ia {__version__}")
@@ -116,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("--config", help="YAML config file (default: $TOKYO_IA_CONFIG or embedded)")
     check.set_defaults(func=cmd_check)
+
+    doctor = sub.add_parser("doctor", help="check DNS, TCP/TLS and auth of every provider")
+    doctor.add_argument("--config", help="YAML config file (default: $TOKYO_IA_CONFIG or embedded)")
+    doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per stage")
+    doctor.set_defaults(func=cmd_doctor)
 
     from .store.cli import add_commands
 

@@ -28,8 +28,10 @@ def _config(**extra: Any) -> dict[str, Any]:
             "keys": [{"key": APP_KEY, "name": "app", "models": ["demo"]}],
         },
         "providers": {"demo": {"kind": "demo"}},
-        "models": {"demo": [{"provider": "demo", "model": "demo"}],
-                   "other": [{"provider": "demo", "model": "demo"}]},
+        "models": {
+            "demo": [{"provider": "demo", "model": "demo"}],
+            "other": [{"provider": "demo", "model": "demo"}],
+        },
         **extra,
     }
 
@@ -52,8 +54,11 @@ def test_missing_unknown_and_valid_keys(gw: GatewayProcess) -> None:
         sdk(gw, "sk-tia-forged" + "x" * 40).chat.completions.create(model="demo", messages=USER)  # type: ignore[arg-type]
     reply = sdk(gw, APP_KEY).chat.completions.create(model="demo", messages=USER)  # type: ignore[arg-type]
     assert reply.choices[0].message.content
-    r = httpx.post(gw.url + "/v1/chat/completions", headers={"x-api-key": APP_KEY},
-                   json={"model": "demo", "messages": USER})
+    r = httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"x-api-key": APP_KEY},
+        json={"model": "demo", "messages": USER},
+    )
     assert r.status_code == 200
 
 
@@ -96,8 +101,9 @@ def test_virtual_key_lifecycle_through_the_admin_api(gw: GatewayProcess) -> None
 
 def test_expired_key_is_refused(gw: GatewayProcess) -> None:
     admin = {"authorization": f"Bearer {MASTER}"}
-    r = httpx.post(gw.url + "/admin/keys", headers=admin,
-                   json={"name": "old", "expires_at": "2001-01-01T00:00:00Z"})
+    r = httpx.post(
+        gw.url + "/admin/keys", headers=admin, json={"name": "old", "expires_at": "2001-01-01T00:00:00Z"}
+    )
     if r.status_code == 400:  # creating an already-expired key may be refused outright
         assert "expires_at" in r.text
         return
@@ -124,8 +130,12 @@ def test_two_gateways_share_one_redis_rate_limit() -> None:
     with GatewayProcess(config) as a, GatewayProcess(config) as b:
 
         def call(gw: GatewayProcess) -> httpx.Response:
-            return httpx.post(gw.url + "/v1/chat/completions", headers={"authorization": f"Bearer {key}"},
-                              json={"model": "demo", "messages": USER}, timeout=10)
+            return httpx.post(
+                gw.url + "/v1/chat/completions",
+                headers={"authorization": f"Bearer {key}"},
+                json={"model": "demo", "messages": USER},
+                timeout=10,
+            )
 
         with ThreadPoolExecutor(8) as pool:
             responses = list(pool.map(call, [a, b] * 6))
