@@ -102,7 +102,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import format_table, run_doctor
 
-    reports = asyncio.run(run_doctor(_load(args.config), timeout=args.timeout))
+    reports = asyncio.run(run_doctor(_load(args.config), stage_timeout_s=args.timeout))
     print(format_table(reports))
     return 0 if all(r.result.ok for r in reports) else 1
 

@@ -27,22 +27,22 @@ class ProviderReport:
     result: CheckResult
 
 
-async def _network(endpoint: str, timeout: float) -> CheckResult | None:
+async def _network(endpoint: str, stage_timeout_s: float) -> CheckResult | None:
     """DNS, then TCP (and TLS for https). None when all of them succeed."""
     url = urlsplit(endpoint)
     host = url.hostname or ""
     port = url.port or (443 if url.scheme == "https" else 80)
     loop = asyncio.get_running_loop()
     try:
-        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), timeout)
+        infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), stage_timeout_s)
     except (OSError, TimeoutError) as exc:
         return CheckResult(False, "dns", f"cannot resolve {host}: {exc or 'timed out'}")
-    address = infos[0][4]
+    address = str(infos[0][4][0])
     tls = ssl.create_default_context() if url.scheme == "https" else None
     try:
         _, writer = await asyncio.wait_for(
-            asyncio.open_connection(address[0], port, ssl=tls, server_hostname=host if tls else None),
-            timeout,
+            asyncio.open_connection(address, port, ssl=tls, server_hostname=host if tls else None),
+            stage_timeout_s,
         )
     except ssl.SSLError as exc:
         return CheckResult(False, "tls", f"TLS handshake with {host}:{port} failed: {exc}")
@@ -52,24 +52,24 @@ async def _network(endpoint: str, timeout: float) -> CheckResult | None:
     return None
 
 
-async def check_provider(provider: Provider, timeout: float = 5.0) -> CheckResult:
+async def check_provider(provider: Provider, stage_timeout_s: float = 5.0) -> CheckResult:
     endpoint = provider.endpoint
     if endpoint is not None:
-        failed = await _network(endpoint, timeout)
+        failed = await _network(endpoint, stage_timeout_s)
         if failed is not None:
             return failed
     await provider.start()
     try:
-        return await asyncio.wait_for(provider.check(), timeout * 2)
+        return await asyncio.wait_for(provider.check(), stage_timeout_s * 2)
     except TimeoutError:
         return CheckResult(False, "auth", "the check call timed out")
     finally:
         await provider.close()
 
 
-async def run_doctor(config: Config, timeout: float = 5.0) -> list[ProviderReport]:
+async def run_doctor(config: Config, stage_timeout_s: float = 5.0) -> list[ProviderReport]:
     providers = {name: registry.create(name, section) for name, section in config.providers.items()}
-    results = await asyncio.gather(*(check_provider(p, timeout) for p in providers.values()))
+    results = await asyncio.gather(*(check_provider(p, stage_timeout_s) for p in providers.values()))
     return [
         ProviderReport(name, p.kind, p.endpoint or "(local)", result)
         for (name, p), result in zip(providers.items(), results, strict=True)
