@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,10 +34,12 @@ class GatewayProcess:
         self.dir = Path(tempfile.mkdtemp(prefix="tokyo-ia-test-"))
         self.log_path = self.dir / "gateway.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.scheme = "http"
+        self.verify: str | None = None  # CA file for https
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def log(self) -> str:
@@ -58,7 +61,8 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited with {self.proc.returncode}:\n{self.log}")
             try:
-                with urllib.request.urlopen(self.url + "/health/ready", timeout=1) as resp:
+                context = ssl.create_default_context(cafile=self.verify) if self.verify else None
+                with urllib.request.urlopen(self.url + "/health/ready", timeout=1, context=context) as resp:
                     if resp.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):

@@ -28,10 +28,11 @@ def _load(path: str | None) -> Config:
     return load_config(path) if path else default_config()
 
 
-def _banner(config: Config, host: str, port: int, workers: int, source: str) -> str:
+def _banner(config: Config, host: str, port: int, workers: int, source: str, *, tls: bool = False) -> str:
     shown_host = f"[{host}]" if ":" in host else host
+    scheme = "https" if tls else "http"
     lines = [
-        f"Tokyo-IA {__version__} listening on http://{shown_host}:{port} "
+        f"Tokyo-IA {__version__} listening on {scheme}://{shown_host}:{port} "
         f"({workers} worker{'s' if workers > 1 else ''}, config: {source})",
         "models:",
     ]
@@ -53,6 +54,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
+    tls_cert = args.tls_cert or config.server.tls_cert
+    tls_key = args.tls_key or config.server.tls_key
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
     insecure = args.insecure or config.server.insecure
     if not config.auth.enabled and not _is_loopback(host) and not insecure:
         raise ConfigError(
@@ -70,7 +75,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .store.db import upgrade
 
         asyncio.run(upgrade(config.store.url))
-    print(_banner(config, host, port, workers, source), flush=True)
+    print(_banner(config, host, port, workers, source, tls=tls_cert is not None), flush=True)
     common = {
         "host": host,
         "port": port,
@@ -81,6 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "server_header": False,
         "log_level": args.log_level,
         "timeout_graceful_shutdown": config.server.graceful_timeout_s,
+        "ssl_certfile": tls_cert,
+        "ssl_keyfile": tls_key,
     }
     if workers > 1:
         if args.config:
@@ -118,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to bind (default: server.port, 8080)")
     serve.add_argument("--workers", type=int, help="worker processes (default: server.workers)")
     serve.add_argument("--insecure", action="store_true", help="allow a public bind without auth")
+    serve.add_argument("--tls-cert", help="PEM certificate: serve HTTPS (default: server.tls_cert)")
+    serve.add_argument("--tls-key", help="PEM private key (default: server.tls_key)")
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )

@@ -35,6 +35,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class CorsConfig(_Strict):
+    """Cross-origin access for browser clients; off unless origins are listed."""
+
+    allow_origins: list[str] = Field(default_factory=list, description='exact origins, or ["*"]')
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "OPTIONS"])
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["authorization", "content-type", "x-api-key", "x-request-id"]
+    )
+    allow_credentials: bool = False
+    max_age_s: int = Field(600, ge=0)
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> CorsConfig:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError(
+                "server.cors: allow_credentials cannot be combined with allow_origins ['*']; "
+                "list the exact origins"
+            )
+        return self
+
+
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
@@ -42,6 +63,15 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     graceful_timeout_s: float = Field(30.0, ge=0)
     insecure: bool = False
+    tls_cert: str | None = Field(None, description="PEM certificate (chain): serve HTTPS")
+    tls_key: str | None = Field(None, description="PEM private key of tls_cert")
+    cors: CorsConfig = Field(default_factory=CorsConfig)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServerConfig:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("server.tls_cert and server.tls_key go together; set both or neither")
+        return self
 
 
 class StoreConfig(_Strict):

@@ -23,6 +23,7 @@ from ..errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from ..gateway import Gateway
 from ..pipeline import ChatStream, RequestContext
 from .admin import AdminRoutes
+from .cors import Cors
 from .errors import render_error, stream_error_event
 
 log = logging.getLogger("tokyo_ia.server")
@@ -36,15 +37,23 @@ Reply = tuple[int, Any] | ChatStream
 Handler = Callable[["Request", RequestContext], Awaitable[Reply]]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Security headers on every response: an API never needs to be framed, sniffed or cached.
+_SECURITY_HEADERS: Headers = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
+]
 _JSON_HEADERS: Headers = [
     (b"content-type", b"application/json"),
-    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+    *_SECURITY_HEADERS,
 ]
 _SSE_HEADERS: Headers = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
-    (b"x-content-type-options", b"nosniff"),
+    *_SECURITY_HEADERS,
 ]
 
 
@@ -58,7 +67,7 @@ class ClientDisconnected(Exception):
 
 
 class Request:
-    __slots__ = ("scope", "receive", "headers", "max_body")
+    __slots__ = ("headers", "max_body", "receive", "scope")
 
     def __init__(self, scope: Scope, receive: Receive, max_body: int) -> None:
         self.scope = scope
@@ -184,6 +193,10 @@ class GatewayApp:
         self.pipeline = self.gateway.pipeline
         self.max_body = config.server.max_body_bytes
         self.admin = AdminRoutes(self.gateway.keys)
+        self.cors = Cors(config.server.cors)
+        self.hsts: Headers = (
+            [(b"strict-transport-security", b"max-age=31536000")] if config.server.tls_cert else []
+        )
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/embeddings": {"POST": self.embeddings},
@@ -202,6 +215,17 @@ class GatewayApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive, self.max_body)
         ctx = RequestContext(_request_id(request), request.api_key())
+        extra = self.hsts
+        if self.cors.enabled:
+            origin = request.headers.get(b"origin")
+            if scope["method"] == "OPTIONS" and b"access-control-request-method" in request.headers:
+                allowed = self.cors.preflight(origin)
+                status = 204 if allowed is not None else 403
+                await _send_json(
+                    send, status, b"", [(b"x-request-id", ctx.request_id.encode()), *(allowed or [])]
+                )
+                return
+            extra = [*extra, *self.cors.headers(origin)]
         try:
             path = scope["path"]
             if path.startswith("/admin/") and AdminRoutes.handles(path):
@@ -212,14 +236,14 @@ class GatewayApp:
         except ClientDisconnected:
             return
         except Exception as exc:  # noqa: BLE001 - mapped to an error response in one place
-            status, extra, body = render_error(exc, ctx.request_id)
-            await _send_json(send, status, body, ctx.response_headers() + extra)
+            status, error_headers, body = render_error(exc, ctx.request_id)
+            await _send_json(send, status, body, [*ctx.response_headers(), *error_headers, *extra])
             return
         if isinstance(reply, ChatStream):
-            await _send_stream(send, receive, reply, ctx.response_headers(), ctx.request_id)
+            await _send_stream(send, receive, reply, [*ctx.response_headers(), *extra], ctx.request_id)
         else:
             status, payload = reply
-            await _send_json(send, status, orjson.dumps(payload), ctx.response_headers())
+            await _send_json(send, status, orjson.dumps(payload), [*ctx.response_headers(), *extra])
 
     def _resolve(self, path: str, method: str) -> Handler:
         methods = self.routes.get(path.rstrip("/") or "/")
@@ -241,7 +265,7 @@ class GatewayApp:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.gateway.start()
-                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                except Exception as exc:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
