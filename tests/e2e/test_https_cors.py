@@ -25,13 +25,13 @@ def test_openai_sdk_over_https_with_the_test_ca(tmp_path: Path) -> None:
     gw.scheme = "https"
     gw.verify = str(ca_path)
     with gw:
-        client = openai.OpenAI(
+        with openai.OpenAI(
             base_url=gw.url + "/v1",
             api_key="x",
             max_retries=0,
             http_client=openai.DefaultHttpxClient(verify=ssl.create_default_context(cafile=str(ca_path))),
-        )
-        reply = client.chat.completions.create(model="demo", messages=USER)  # type: ignore[arg-type]
+        ) as client:
+            reply = client.chat.completions.create(model="demo", messages=USER)  # type: ignore[arg-type]
         assert reply.choices[0].message.content == "You said: ping over tls"
         r = httpx.get(gw.url + "/health/live", verify=ssl.create_default_context(cafile=str(ca_path)))
         assert r.headers["strict-transport-security"].startswith("max-age=")

@@ -172,7 +172,13 @@ def assemble_stream(chunks: Iterable[JSON]) -> JSON:
 
 
 def _new_choice() -> JSON:
-    return {"message": {"role": "assistant"}, "parts": {}, "tools": {}, "finish_reason": None, "logprobs": None}
+    return {
+        "message": {"role": "assistant"},
+        "parts": {},
+        "tools": {},
+        "finish_reason": None,
+        "logprobs": None,
+    }
 
 
 def _merge_choice(state: JSON, choice: JSON) -> None:

@@ -172,7 +172,9 @@ def _seconds(value: Any, name: str) -> float:
         except ValueError:
             number = None
     if not isinstance(number, int | float) or not math.isfinite(number) or number < 0:
-        raise InvalidRequestError(f"'{name}' must be a number of seconds such as 60, got {value!r}", param=name)
+        raise InvalidRequestError(
+            f"'{name}' must be a number of seconds such as 60, got {value!r}", param=name
+        )
     return float(number)
 
 

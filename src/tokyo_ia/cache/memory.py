@@ -131,7 +131,7 @@ class MemoryCache:
         return len(self._slots)
 
     def _evict_coldest(self) -> None:
-        key, slot = self._slots.popitem(last=False)
+        _, slot = self._slots.popitem(last=False)
         self._bytes -= slot.size
         if slot.expires_at <= self._clock():
             self._stats.expirations += 1

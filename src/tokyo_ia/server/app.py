@@ -44,6 +44,8 @@ _SECURITY_HEADERS: Headers = [
     (b"referrer-policy", b"no-referrer"),
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
 ]
+_HSTS: Headers = [(b"strict-transport-security", b"max-age=31536000")]
+_NONE: Headers = []
 _JSON_HEADERS: Headers = [
     (b"content-type", b"application/json"),
     (b"cache-control", b"no-store"),
@@ -194,9 +196,6 @@ class GatewayApp:
         self.max_body = config.server.max_body_bytes
         self.admin = AdminRoutes(self.gateway.keys)
         self.cors = Cors(config.server.cors)
-        self.hsts: Headers = (
-            [(b"strict-transport-security", b"max-age=31536000")] if config.server.tls_cert else []
-        )
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/embeddings": {"POST": self.embeddings},
@@ -215,7 +214,7 @@ class GatewayApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive, self.max_body)
         ctx = RequestContext(_request_id(request), request.api_key())
-        extra = self.hsts
+        extra = _HSTS if scope.get("scheme") == "https" else _NONE
         if self.cors.enabled:
             origin = request.headers.get(b"origin")
             if scope["method"] == "OPTIONS" and b"access-control-request-method" in request.headers:
