@@ -26,6 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from .errors import ConfigError
+from .resilience.breaker import BreakerSettings
+from .resilience.health import HealthSettings
 from .security.secrets import SecretsBackend, SecretsSettings, build_backend
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -141,6 +143,13 @@ class LimitsConfig(_Strict):
     max_parallel: int | None = Field(None, ge=1)
 
 
+class ResilienceConfig(_Strict):
+    """Circuit breakers per deployment and health checks (shared through Redis if configured)."""
+
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+
+
 class DeploymentConfig(_Strict):
     provider: str
     model: str
@@ -155,6 +164,7 @@ class Config(_Strict):
     cache: CacheConfig | None = None
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, list[DeploymentConfig]] = Field(default_factory=dict)

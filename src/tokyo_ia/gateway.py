@@ -14,6 +14,8 @@ from .pipeline import Pipeline
 from .providers import registry
 from .providers.base import Provider
 from .resilience.admission import Admission
+from .resilience.breaker import BreakerBoard, Breakers
+from .resilience.health import ActiveHealthChecker, HealthMonitor, ProbeLease
 from .resilience.ratelimit import Limits, ProviderThrottle, build_rate_limiter
 from .resilience.retry import RetryPolicy
 from .routing.catalog import Catalog
@@ -40,6 +42,13 @@ class Gateway:
         self.authenticator = Authenticator(config.auth, virtual=self.key_cache)
         self.limiter = build_rate_limiter(config.redis.url)
         limits = config.limits
+        self.breakers = self._breakers(config)
+        self.health = HealthMonitor(
+            [d for name in self.catalog.names() for d in self.catalog.deployments(name)],
+            self.breakers,
+            config.resilience.health,
+        )
+        self.checker: ActiveHealthChecker | None = None
         self.pipeline = Pipeline(
             self.authenticator,
             self.catalog,
@@ -54,6 +63,7 @@ class Gateway:
                 if p.rpm or p.tpm
             },
             throttle_wait_s={name: p.throttle_wait_s for name, p in config.providers.items()},
+            health=self.health,
         )
         self.ready = False
 
@@ -64,13 +74,38 @@ class Gateway:
             self.authenticator.open = False
             log.warning("auth: ON - the database holds virtual keys, so every request needs one")
         await asyncio.gather(*(p.start() for p in self.providers.values()))
+        if self.config.resilience.health.active:
+            self.checker = ActiveHealthChecker(self.health, lease=self._probe_lease())
+            self.checker.start()
         self.ready = True
+
+    @staticmethod
+    def _breakers(config: Config) -> Breakers:
+        settings = config.resilience.breaker
+        if config.redis.url:
+            from .resilience.breaker_redis import RedisBreakerBoard
+
+            return RedisBreakerBoard.from_url(config.redis.url, settings=settings)
+        return BreakerBoard(settings)
+
+    def _probe_lease(self) -> ProbeLease | None:
+        """With Redis, one replica probes each provider per interval and shares the result."""
+        if not self.config.redis.url:
+            return None
+        from redis.asyncio import Redis
+
+        from .resilience.health import RedisProbeLease
+
+        return RedisProbeLease(Redis.from_url(self.config.redis.url, socket_timeout=0.5))
 
     async def close(self) -> None:
         self.ready = False
+        if self.checker is not None:
+            await self.checker.stop()
         results = await asyncio.gather(*(p.close() for p in self.providers.values()), return_exceptions=True)
         for provider, result in zip(self.providers.values(), results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("closing provider %s failed: %s", provider.name, result)
+        await self.breakers.close()
         await self.limiter.close()
         await self.db.dispose()

@@ -21,12 +21,14 @@ from typing import Any, TypeVar
 
 from .errors import (
     GatewayError,
+    TokyoIAError,
     NoHealthyDeploymentError,
     RateLimitError,
     UpstreamError,
 )
 from .providers.base import JSON, ChatCall, EmbedCall
 from .resilience.admission import Admission, Admitted
+from .resilience.health import HealthMonitor
 from .resilience.ratelimit import ProviderThrottle
 from .resilience.ratelimit import headers as ratelimit_headers
 from .resilience.retry import RetryPolicy
@@ -111,8 +113,10 @@ class Pipeline:
         retries: dict[str, RetryPolicy] | None = None,
         throttles: dict[str, ProviderThrottle] | None = None,
         throttle_wait_s: dict[str, float] | None = None,
+        health: HealthMonitor | None = None,
         deadline_s: float = 600.0,
     ) -> None:
+        self.health = health
         self.auth = authenticator
         self.catalog = catalog
         self.admission = admission
@@ -237,9 +241,14 @@ class Pipeline:
         A non-retryable error (the caller's mistake, bad credentials) is returned at once.
         """
         failures: list[tuple[Deployment, UpstreamError]] = []
+        skipped: list[Deployment] = []
         deadline = self._deadline(ctx)
         tokens = ctx.admitted.tokens if ctx.admitted is not None else 0
+        health = self.health
         for deployment in candidates:
+            if health is not None and not await health.allow(deployment.label):
+                skipped.append(deployment)  # circuit open: do not even try
+                continue
             ctx.deployment = deployment
             name = deployment.provider.name
             policy = self.retries.get(name, self._no_retry)
@@ -247,12 +256,15 @@ class Pipeline:
             retry = 0
             while True:
                 ctx.attempts += 1
+                started = time.monotonic()
                 try:
                     if throttle is not None:
                         wait = min(self.throttle_wait_s.get(name, 1.0), max(0.0, deadline - time.monotonic()))
                         await throttle.wait_or_fail(tokens, wait)
-                    return await attempt(deployment)
+                    result = await attempt(deployment)
                 except UpstreamError as exc:
+                    if health is not None:
+                        await health.record(deployment.label, exc, time.monotonic() - started)
                     if not exc.retryable:
                         raise
                     delay = policy.delay(retry, exc, deadline - time.monotonic())
@@ -261,16 +273,30 @@ class Pipeline:
                         break
                     retry += 1
                     await asyncio.sleep(delay)
+                    continue
+                except BaseException as exc:  # cancelled, or a bug: neutral for the breaker
+                    if health is not None and not isinstance(exc, TokyoIAError):
+                        await asyncio.shield(health.record(deployment.label, exc, time.monotonic() - started))
+                    raise
+                if health is not None:
+                    await health.record(deployment.label, None, time.monotonic() - started)
+                return result
             if time.monotonic() >= deadline:
                 break
-        raise _exhausted(failures)
+        if not failures and skipped:
+            raise NoHealthyDeploymentError(
+                "every deployment's circuit is open (recent failures): "
+                f"{', '.join(d.label for d in skipped)}; retry shortly"
+            )
+        raise _exhausted(failures, skipped)
 
 
-def _exhausted(failures: list[tuple[Deployment, UpstreamError]]) -> GatewayError:
+def _exhausted(failures: list[tuple[Deployment, UpstreamError]], skipped: list[Deployment]) -> GatewayError:
     """The error to return once every candidate failed."""
-    if len(failures) == 1:
+    if len(failures) == 1 and not skipped:
         return failures[0][1]
     tried = "; ".join(f"{d.label}: {e.message}" for d, e in failures)
+    tried += "".join(f"; {d.label}: circuit open, skipped" for d in skipped)
     if all(e.status == 429 for _, e in failures):
         waits = [e.retry_after for _, e in failures if e.retry_after is not None]
         return RateLimitError(

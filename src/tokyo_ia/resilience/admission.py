@@ -39,7 +39,7 @@ class Admission:
         """Count the request against its key and the gateway, or raise a 429 saying which."""
         key_limits = Limits(principal.rpm, principal.tpm, principal.max_parallel)
         admitted = Admitted(estimate_tokens(body))
-        for scope, limits in ((f"key:{principal.name}", key_limits), ("global", self.global_limits)):
+        for scope, limits in ((f"key:{principal.key_id}", key_limits), ("global", self.global_limits)):
             if limits.metered:
                 decision = await self.limiter.acquire(scope, limits, admitted.tokens)
                 if not decision.allowed:

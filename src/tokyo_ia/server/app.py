@@ -22,7 +22,7 @@ from ..config import Config, default_config, load_config
 from ..errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from ..gateway import Gateway
 from ..pipeline import ChatStream, RequestContext
-from .admin import AdminRoutes
+from .admin import AdminRoutes, require_admin
 from .cors import Cors
 from .errors import render_error, stream_error_event
 
@@ -202,6 +202,7 @@ class GatewayApp:
             "/v1/models": {"GET": self.models},
             "/health/live": {"GET": self.live},
             "/health/ready": {"GET": self.ready},
+            "/admin/health": {"GET": self.admin_health},
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -289,6 +290,12 @@ class GatewayApp:
 
     async def models(self, request: Request, ctx: RequestContext) -> Reply:
         return 200, await self.pipeline.list_models(ctx)
+
+    async def admin_health(self, request: Request, ctx: RequestContext) -> Reply:
+        """Per deployment: circuit state, success ratio, latency percentiles, last check."""
+        await self.pipeline.authenticate(ctx)
+        require_admin(ctx)
+        return 200, await self.gateway.health.snapshot()
 
     async def live(self, request: Request, ctx: RequestContext) -> Reply:
         return 200, {"status": "live"}
