@@ -143,6 +143,18 @@ class LimitsConfig(_Strict):
     max_parallel: int | None = Field(None, ge=1)
 
 
+class AuditConfig(_Strict):
+    """The append-only, hash-chained audit trail (written in batches, off the hot path)."""
+
+    enabled: bool = True
+    trusted_proxies: list[str] = Field(
+        default_factory=list, description="CIDRs whose X-Forwarded-For is believed"
+    )
+    batch_size: int = Field(200, ge=1)
+    flush_interval_s: float = Field(1.0, gt=0)
+    max_queue: int = Field(100_000, ge=1)
+
+
 class ResilienceConfig(_Strict):
     """Circuit breakers per deployment and health checks (shared through Redis if configured)."""
 
@@ -165,6 +177,7 @@ class Config(_Strict):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, list[DeploymentConfig]] = Field(default_factory=dict)

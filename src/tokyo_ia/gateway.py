@@ -19,6 +19,7 @@ from .resilience.health import ActiveHealthChecker, HealthMonitor, ProbeLease
 from .resilience.ratelimit import Limits, ProviderThrottle, build_rate_limiter
 from .resilience.retry import RetryPolicy
 from .routing.catalog import Catalog
+from .security.audit import AuditWriter
 from .security.auth import Authenticator
 from .security.keycache import KeyCache
 from .security.keys import KeyService
@@ -40,6 +41,17 @@ class Gateway:
             self.keys, ttl_s=config.auth.key_cache_ttl_s, negative_ttl_s=config.auth.key_negative_ttl_s
         )
         self.authenticator = Authenticator(config.auth, virtual=self.key_cache)
+        a = config.audit
+        self.audit = (
+            AuditWriter(
+                session_factory(self.db),
+                batch_size=a.batch_size,
+                flush_interval_s=a.flush_interval_s,
+                max_queue=a.max_queue,
+            )
+            if a.enabled
+            else None
+        )
         self.limiter = build_rate_limiter(config.redis.url)
         limits = config.limits
         self.breakers = self._breakers(config)
@@ -64,11 +76,14 @@ class Gateway:
             },
             throttle_wait_s={name: p.throttle_wait_s for name, p in config.providers.items()},
             health=self.health,
+            audit=self.audit,
         )
         self.ready = False
 
     async def start(self) -> None:
         await check_schema(self.db)
+        if self.audit is not None:
+            self.audit.start()
         if self.authenticator.open and await self.keys.count_active() > 0:
             # Virtual keys exist (made with the CLI): never serve them an open gateway.
             self.authenticator.open = False
@@ -106,6 +121,8 @@ class Gateway:
         for provider, result in zip(self.providers.values(), results, strict=True):
             if isinstance(result, BaseException):
                 log.warning("closing provider %s failed: %s", provider.name, result)
+        if self.audit is not None:
+            await self.audit.close()  # drains every queued record before the pool closes
         await self.breakers.close()
         await self.limiter.close()
         await self.db.dispose()

@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 from .errors import (
     GatewayError,
-    TokyoIAError,
     NoHealthyDeploymentError,
     RateLimitError,
+    TokyoIAError,
     UpstreamError,
 )
 from .providers.base import JSON, ChatCall, EmbedCall
@@ -34,6 +34,7 @@ from .resilience.ratelimit import headers as ratelimit_headers
 from .resilience.retry import RetryPolicy
 from .routing.catalog import Catalog, Deployment
 from .schema.chat import validate_chat, validate_embeddings, wants_usage
+from .security.audit import AuditEvent, AuditWriter
 from .security.auth import Authenticator, Principal
 
 T = TypeVar("T")
@@ -52,6 +53,9 @@ class RequestContext:
     usage: JSON | None = None
     propagate: dict[str, str] = field(default_factory=dict)
     admitted: Admitted | None = None
+    route: str = ""
+    model: str | None = None
+    client_ip: str | None = None
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.request_id.encode())]
@@ -114,9 +118,11 @@ class Pipeline:
         throttles: dict[str, ProviderThrottle] | None = None,
         throttle_wait_s: dict[str, float] | None = None,
         health: HealthMonitor | None = None,
+        audit: AuditWriter | None = None,
         deadline_s: float = 600.0,
     ) -> None:
         self.health = health
+        self.audit = audit
         self.auth = authenticator
         self.catalog = catalog
         self.admission = admission
@@ -125,6 +131,35 @@ class Pipeline:
         self.throttle_wait_s = throttle_wait_s or {}
         self.deadline_s = deadline_s
         self._no_retry = RetryPolicy(max_retries=0)
+
+    def record(self, ctx: RequestContext, status: int) -> None:
+        """Append the request to the audit trail (queued; written in batches off the hot path)."""
+        if self.audit is None:
+            return
+        usage = ctx.usage or {}
+        principal = ctx.principal
+        detail: JSON = {
+            "request_id": ctx.request_id,
+            "attempts": ctx.attempts,
+            "latency_ms": round((time.monotonic() - ctx.started) * 1000, 3),
+        }
+        if ctx.deployment is not None:
+            detail["provider"] = ctx.deployment.provider.name
+            detail["upstream_model"] = ctx.deployment.model
+        action = "request" if ctx.route.startswith("/v1/") else f"admin {ctx.route}"
+        self.audit.record(
+            AuditEvent(
+                action=action,
+                actor_key_id=principal.key_id if principal is not None else None,
+                route=ctx.route,
+                model=ctx.model,
+                status=status,
+                tokens_in=usage.get("prompt_tokens"),
+                tokens_out=usage.get("completion_tokens"),
+                client_ip=ctx.client_ip,
+                detail=detail,
+            )
+        )
 
     async def authenticate(self, ctx: RequestContext) -> Principal:
         ctx.principal = await self.auth.authenticate(ctx.api_key)
@@ -147,6 +182,7 @@ class Pipeline:
     async def _admit(self, ctx: RequestContext, body: JSON) -> list[Deployment]:
         """Authorize the model, count the request against its limits, list the candidates."""
         assert ctx.principal is not None
+        ctx.model = body["model"]
         self.auth.authorize_model(ctx.principal, body["model"])
         candidates = self.catalog.candidates(body["model"])
         ctx.admitted = await self.admission.admit(ctx.principal, body)

@@ -82,7 +82,9 @@ class Emulator:
         asyncio.set_event_loop(loop)
         app = self.build_app()
         app.middlewares.append(self._record)
-        self._runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.5)
+        self._runner = web.AppRunner(
+            app, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.5
+        )
         loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", self.port)
         loop.run_until_complete(site.start())

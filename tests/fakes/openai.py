@@ -173,7 +173,10 @@ class OpenAIEmulator(Emulator):
         include_usage = (body.get("stream_options") or {}).get("include_usage") is True
 
         def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
-            data = {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            data = {
+                **base,
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
             if include_usage:
                 data["usage"] = None
             return json.dumps(data)
@@ -191,8 +194,18 @@ class OpenAIEmulator(Emulator):
                 raise ConnectionResetError("emulated drop")
             if message.get("tool_calls"):
                 call = message["tool_calls"][0]
-                yield chunk({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
-                                             "function": {"name": call["function"]["name"], "arguments": ""}}]})
+                yield chunk(
+                    {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {"name": call["function"]["name"], "arguments": ""},
+                            }
+                        ]
+                    }
+                )
                 args = call["function"]["arguments"]
                 for i in range(0, len(args), 5):
                     yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 5]}}]})
@@ -203,8 +216,11 @@ class OpenAIEmulator(Emulator):
                 yield chunk({}, "stop")
             if include_usage:
                 prompt, completion = self._usage(body, message)
-                usage = {"prompt_tokens": prompt, "completion_tokens": completion,
-                         "total_tokens": prompt + completion}
+                usage = {
+                    "prompt_tokens": prompt,
+                    "completion_tokens": completion,
+                    "total_tokens": prompt + completion,
+                }
                 yield json.dumps({**base, "choices": [], "usage": usage})
             yield "[DONE]"
 
@@ -216,11 +232,17 @@ class OpenAIEmulator(Emulator):
             return denied
         body = await request.json()
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
-        data = [{"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]}
-                for i in range(len(inputs))]
+        data = [
+            {"object": "embedding", "index": i, "embedding": [0.1 * (i + 1), 0.2, 0.3]}
+            for i in range(len(inputs))
+        ]
         tokens = sum(len(str(x)) // 4 + 1 for x in inputs)
         return web.json_response(
-            {"object": "list", "data": data, "model": body["model"],
-             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}},
+            {
+                "object": "list",
+                "data": data,
+                "model": body["model"],
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            },
             headers=self._headers(),
         )

@@ -32,7 +32,6 @@ from tokyo_ia.security.secrets_vault import VaultBackend
 VALUE = "sk-integration-secret-9876"
 
 
-
 # -- Vault ----------------------------------------------------------------------------
 
 
@@ -300,6 +299,7 @@ def test_aws_requests_never_leave_loopback(aws: Any, moto_url: str, monkeypatch:
 
 
 # -- end to end through the YAML config -----------------------------------------------
+
 
 def test_yaml_secret_reference_from_the_secrets_directory(tmp_path: Path) -> None:
     """The default chain reads ``dir`` first, then the environment."""

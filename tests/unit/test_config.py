@@ -30,7 +30,9 @@ def test_unknown_provider_key_is_named() -> None:
 
 
 def test_unknown_kind_lists_known_kinds() -> None:
-    with pytest.raises(ConfigError, match=r"providers\.x\.kind: unknown provider kind 'nope'; use one of: .*demo"):
+    with pytest.raises(
+        ConfigError, match=r"providers\.x\.kind: unknown provider kind 'nope'; use one of: .*demo"
+    ):
         parse_config({"providers": {"x": {"kind": "nope"}}})
 
 
@@ -41,12 +43,16 @@ def test_bad_value_names_key_and_value() -> None:
 
 def test_model_must_reference_a_configured_provider() -> None:
     with pytest.raises(ConfigError, match=r"models\.m\[0\]\.provider: 'ghost' is not a configured provider"):
-        parse_config({"providers": {"demo": {"kind": "demo"}}, "models": {"m": [{"provider": "ghost", "model": "x"}]}})
+        parse_config(
+            {"providers": {"demo": {"kind": "demo"}}, "models": {"m": [{"provider": "ghost", "model": "x"}]}}
+        )
 
 
 def test_missing_env_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TOKYO_TEST_MISSING", raising=False)
-    with pytest.raises(ConfigError, match=r"providers\.o\.api_key: environment variable TOKYO_TEST_MISSING is not set"):
+    with pytest.raises(
+        ConfigError, match=r"providers\.o\.api_key: environment variable TOKYO_TEST_MISSING is not set"
+    ):
         parse_config({"providers": {"o": {"kind": "openai", "api_key": "${env:TOKYO_TEST_MISSING}"}}})
 
 
@@ -57,7 +63,9 @@ def test_env_default_and_file_references(monkeypatch: pytest.MonkeyPatch, tmp_pa
     config = parse_config(
         {
             "server": {"host": "${env:TOKYO_TEST_HOST:-127.0.0.2}"},
-            "providers": {"o": {"kind": "openai", "api_key": f"${{file:{secret}}}", "base_url": "${env:TOKYO_TEST_URL}"}},
+            "providers": {
+                "o": {"kind": "openai", "api_key": f"${{file:{secret}}}", "base_url": "${env:TOKYO_TEST_URL}"}
+            },
         }
     )
     assert config.server.host == "127.0.0.2"
@@ -70,9 +78,7 @@ def test_env_default_and_file_references(monkeypatch: pytest.MonkeyPatch, tmp_pa
 
 def test_secret_reference_reads_secrets_dir(tmp_path: Path) -> None:
     (tmp_path / "openai-key").write_text("s3cret")
-    config = parse_config(
-        {"secrets": {"dir": str(tmp_path)}, "auth": {"master_key": "${secret:openai-key}"}}
-    )
+    config = parse_config({"secrets": {"dir": str(tmp_path)}, "auth": {"master_key": "${secret:openai-key}"}})
     assert config.auth.master_key is not None
     assert config.auth.master_key.get_secret_value() == "s3cret"
 

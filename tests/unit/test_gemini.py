@@ -41,7 +41,6 @@ WEATHER_TOOL = {
 TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
 
 
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[GeminiEmulator]:
     emu = GeminiEmulator()

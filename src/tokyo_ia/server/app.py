@@ -22,6 +22,7 @@ from ..config import Config, default_config, load_config
 from ..errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from ..gateway import Gateway
 from ..pipeline import ChatStream, RequestContext
+from ..security.audit import client_ip
 from .admin import AdminRoutes, require_admin
 from .cors import Cors
 from .errors import render_error, stream_error_event
@@ -196,6 +197,7 @@ class GatewayApp:
         self.max_body = config.server.max_body_bytes
         self.admin = AdminRoutes(self.gateway.keys)
         self.cors = Cors(config.server.cors)
+        self.trusted_proxies = list(config.audit.trusted_proxies)
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/embeddings": {"POST": self.embeddings},
@@ -215,6 +217,10 @@ class GatewayApp:
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive, self.max_body)
         ctx = RequestContext(_request_id(request), request.api_key())
+        path = ctx.route = scope["path"]
+        audited = path.startswith(("/v1/", "/admin/"))
+        if audited:
+            ctx.client_ip = self._client_ip(scope, request)
         extra = _HSTS if scope.get("scheme") == "https" else _NONE
         if self.cors.enabled:
             origin = request.headers.get(b"origin")
@@ -227,7 +233,6 @@ class GatewayApp:
                 return
             extra = [*extra, *self.cors.headers(origin)]
         try:
-            path = scope["path"]
             if path.startswith("/admin/") and AdminRoutes.handles(path):
                 await self.pipeline.authenticate(ctx)
                 reply = await self.admin.dispatch(scope["method"], path, request, ctx)
@@ -238,12 +243,24 @@ class GatewayApp:
         except Exception as exc:  # noqa: BLE001 - mapped to an error response in one place
             status, error_headers, body = render_error(exc, ctx.request_id)
             await _send_json(send, status, body, [*ctx.response_headers(), *error_headers, *extra])
-            return
-        if isinstance(reply, ChatStream):
-            await _send_stream(send, receive, reply, [*ctx.response_headers(), *extra], ctx.request_id)
         else:
-            status, payload = reply
-            await _send_json(send, status, orjson.dumps(payload), [*ctx.response_headers(), *extra])
+            if isinstance(reply, ChatStream):
+                status = 200
+                await _send_stream(send, receive, reply, [*ctx.response_headers(), *extra], ctx.request_id)
+            else:
+                status, payload = reply
+                await _send_json(send, status, orjson.dumps(payload), [*ctx.response_headers(), *extra])
+        if audited:
+            self.pipeline.record(ctx, status)
+
+    def _client_ip(self, scope: Scope, request: Request) -> str | None:
+        peer = scope.get("client")
+        forwarded = request.headers.get(b"x-forwarded-for")
+        return client_ip(
+            peer[0] if peer else None,
+            forwarded.decode("latin-1") if forwarded is not None else None,
+            self.trusted_proxies,
+        )
 
     def _resolve(self, path: str, method: str) -> Handler:
         methods = self.routes.get(path.rstrip("/") or "/")

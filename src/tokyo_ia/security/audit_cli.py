@@ -1,0 +1,152 @@
+"""``tokyo-ia audit verify`` and ``tokyo-ia audit tail``: the audit trail from a shell.
+
+They read the database named by ``store.url`` (``--config``, else ``$TOKYO_IA_CONFIG``, else
+the embedded default), like ``tokyo-ia keys``, and never migrate it. ``verify`` exits 1 when
+the chain is broken, so a cron job or a CI step can alert on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from ..config import Config, default_config, load_config
+from ..errors import ConfigError, GatewayError
+from ..store.db import check_schema, create_engine, redact, session_factory
+from ..store.models import AuditEntry
+from .audit import verify
+
+Action = Callable[[async_sessionmaker[AsyncSession], argparse.Namespace], Awaitable[int]]
+
+
+def _config(path: str | None) -> Config:
+    path = path or os.environ.get("TOKYO_IA_CONFIG")
+    return load_config(path) if path else default_config()
+
+
+def _command(action: Action) -> Callable[[argparse.Namespace], int]:
+    """Run ``action`` on the config's migrated database; database failures become one line."""
+
+    def command(args: argparse.Namespace) -> int:
+        url = _config(args.config).store.url
+
+        async def go() -> int:
+            engine = create_engine(url)
+            try:
+                await check_schema(engine)
+                return await action(session_factory(engine), args)
+            finally:
+                await engine.dispose()
+
+        try:
+            return asyncio.run(go())
+        except GatewayError as exc:
+            print(f"tokyo-ia: error: {exc.message}", file=sys.stderr)
+            return 1
+        except (DBAPIError, OSError) as exc:
+            raise ConfigError(
+                f"cannot use the database {redact(url)} ({type(exc).__name__}: {exc}); check store.url "
+                "and that the database server is running"
+            ) from None
+
+    return command
+
+
+async def _verify(sessions: async_sessionmaker[AsyncSession], args: argparse.Namespace) -> int:
+    report = await verify(sessions)
+    if report.ok:
+        print(f"ok: {report.count} records, chain intact")
+        if report.count:
+            print(f"last record {report.last_id}, hash {report.last_hash}")
+        return 0
+    print(f"TAMPERED: record {report.broken_id}: {report.reason}")
+    print(f"({report.count} records before it verified)")
+    return 1
+
+
+def _as_dict(entry: AuditEntry) -> dict[str, Any]:
+    return {
+        "id": entry.id,
+        "ts": entry.ts.isoformat(timespec="microseconds"),
+        "actor_key_id": entry.actor_key_id,
+        "action": entry.action,
+        "route": entry.route,
+        "model": entry.model,
+        "status": entry.status,
+        "tokens_in": entry.tokens_in,
+        "tokens_out": entry.tokens_out,
+        "client_ip": entry.client_ip,
+        "detail": entry.detail,
+        "prev_hash": entry.prev_hash,
+        "hash": entry.hash,
+    }
+
+
+_COLUMNS = ("ID", "TIME (UTC)", "ACTOR", "ACTION", "ROUTE", "MODEL", "STATUS", "IN", "OUT", "CLIENT")
+
+
+def _cells(e: AuditEntry) -> tuple[str, ...]:
+    def opt(value: object) -> str:
+        # Control characters could rewrite the terminal; a log line is data, not markup.
+        return "-" if value is None else "".join(c if c.isprintable() else "?" for c in str(value))
+
+    ts = e.ts.strftime("%Y-%m-%d %H:%M:%S")
+    values = (e.actor_key_id, e.action, e.route, e.model, e.status, e.tokens_in, e.tokens_out, e.client_ip)
+    return (str(e.id), ts, *(opt(v) for v in values))
+
+
+def render_table(entries: list[AuditEntry]) -> str:
+    if not entries:
+        return "no audit records"
+    rows = [_COLUMNS, *(_cells(e) for e in entries)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    )
+
+
+async def _tail(sessions: async_sessionmaker[AsyncSession], args: argparse.Namespace) -> int:
+    async with sessions() as session:
+        query = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(args.n)
+        entries = list(reversed(list(await session.scalars(query))))
+    if args.json:
+        print(orjson.dumps([_as_dict(e) for e in entries], option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(render_table(entries))
+    return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("-n must be at least 1")
+    return value
+
+
+def add_commands(subparsers: Any) -> None:
+    """Add ``audit`` to the ``tokyo-ia`` parser (``subparsers`` from add_subparsers)."""
+    audit = subparsers.add_parser("audit", help="the tamper-evident audit trail")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    config_help = "YAML config file (default: $TOKYO_IA_CONFIG or embedded)"
+
+    check = audit_sub.add_parser("verify", help="recompute the hash chain; exit 1 if tampered")
+    check.add_argument("--config", help=config_help)
+    check.set_defaults(func=_command(_verify))
+
+    tail = audit_sub.add_parser("tail", help="show the newest records")
+    tail.add_argument("--config", help=config_help)
+    tail.add_argument("-n", type=_count, default=20, help="how many records (default: 20)")
+    tail.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    tail.set_defaults(func=_command(_tail))
