@@ -76,6 +76,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         asyncio.run(upgrade(config.store.url))
     print(_banner(config, host, port, workers, source, tls=tls_cert is not None), flush=True)
+    from .observability.logging import configure_logging
+    from .observability.metrics import setup_multiprocess_dir
+
+    os.environ["TOKYO_IA_LOG_LEVEL"] = args.log_level
+    os.environ["TOKYO_IA_LOG_FORMAT"] = args.log_format
+    configure_logging(args.log_level, args.log_format)
+    setup_multiprocess_dir(workers)
     common = {
         "host": host,
         "port": port,
@@ -85,6 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "access_log": False,
         "server_header": False,
         "log_level": args.log_level,
+        "log_config": None,
         "timeout_graceful_shutdown": config.server.graceful_timeout_s,
         "ssl_certfile": tls_cert,
         "ssl_keyfile": tls_key,
@@ -129,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tls-key", help="PEM private key (default: server.tls_key)")
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.add_argument(
+        "--log-format",
+        default="auto",
+        choices=["auto", "json", "console"],
+        help="auto: console on a terminal, JSON otherwise",
     )
     serve.set_defaults(func=cmd_serve)
 

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from .accounting.pricing import PriceSettings
 from .errors import ConfigError
 from .resilience.breaker import BreakerSettings
 from .resilience.health import HealthSettings
@@ -178,6 +179,9 @@ class Config(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    prices: dict[str, PriceSettings] = Field(
+        default_factory=dict, description="USD per million tokens, overriding the shipped table"
+    )
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, list[DeploymentConfig]] = Field(default_factory=dict)

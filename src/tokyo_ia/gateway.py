@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from .accounting.pricing import PriceTable
 from .config import Config
+from .observability.metrics import Metrics
 from .pipeline import Pipeline
 from .providers import registry
 from .providers.base import Provider
@@ -54,6 +56,7 @@ class Gateway:
         )
         self.limiter = build_rate_limiter(config.redis.url)
         limits = config.limits
+        self.metrics = Metrics.from_config(config)
         self.breakers = self._breakers(config)
         self.health = HealthMonitor(
             [d for name in self.catalog.names() for d in self.catalog.deployments(name)],
@@ -77,6 +80,8 @@ class Gateway:
             throttle_wait_s={name: p.throttle_wait_s for name, p in config.providers.items()},
             health=self.health,
             audit=self.audit,
+            prices=PriceTable.load(config.prices),
+            metrics=self.metrics,
         )
         self.ready = False
 
@@ -123,6 +128,7 @@ class Gateway:
                 log.warning("closing provider %s failed: %s", provider.name, result)
         if self.audit is not None:
             await self.audit.close()  # drains every queued record before the pool closes
+        self.metrics.close()
         await self.breakers.close()
         await self.limiter.close()
         await self.db.dispose()

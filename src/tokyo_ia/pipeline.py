@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .accounting.pricing import PriceTable
 from .errors import (
     GatewayError,
     NoHealthyDeploymentError,
@@ -26,6 +27,8 @@ from .errors import (
     TokyoIAError,
     UpstreamError,
 )
+from .observability.logging import access_log
+from .observability.metrics import Metrics
 from .providers.base import JSON, ChatCall, EmbedCall
 from .resilience.admission import Admission, Admitted
 from .resilience.health import HealthMonitor
@@ -56,6 +59,7 @@ class RequestContext:
     route: str = ""
     model: str | None = None
     client_ip: str | None = None
+    cost_usd: float | None = None
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.request_id.encode())]
@@ -64,6 +68,8 @@ class RequestContext:
             headers.append((b"x-tokyo-ia-model", self.deployment.model.encode()))
         if self.attempts:
             headers.append((b"x-tokyo-ia-attempts", str(self.attempts).encode()))
+        if self.cost_usd is not None:
+            headers.append((b"x-tokyo-ia-cost-usd", b"%.8f" % self.cost_usd))
         if self.admitted is not None and self.admitted.decision is not None:
             headers.extend(ratelimit_headers(self.admitted.decision))
         return headers
@@ -119,8 +125,12 @@ class Pipeline:
         throttle_wait_s: dict[str, float] | None = None,
         health: HealthMonitor | None = None,
         audit: AuditWriter | None = None,
+        prices: PriceTable | None = None,
+        metrics: Metrics | None = None,
         deadline_s: float = 600.0,
     ) -> None:
+        self.prices = prices or PriceTable.load()
+        self.metrics = metrics
         self.health = health
         self.audit = audit
         self.auth = authenticator
@@ -132,12 +142,45 @@ class Pipeline:
         self.deadline_s = deadline_s
         self._no_retry = RetryPolicy(max_retries=0)
 
+    def _cost(self, ctx: RequestContext) -> None:
+        """Price the usage of the deployment that served (0 for unknown models)."""
+        if ctx.usage and ctx.deployment is not None:
+            ctx.cost_usd = float(self.prices.cost(ctx.deployment.model, ctx.usage))
+
     def record(self, ctx: RequestContext, status: int) -> None:
-        """Append the request to the audit trail (queued; written in batches off the hot path)."""
-        if self.audit is None:
-            return
+        """Metrics, one access-log line and an audit record for a finished request."""
         usage = ctx.usage or {}
         principal = ctx.principal
+        provider = ctx.deployment.provider.name if ctx.deployment is not None else ""
+        elapsed = time.monotonic() - ctx.started
+        tokens_in = int(usage.get("prompt_tokens") or 0)
+        tokens_out = int(usage.get("completion_tokens") or 0)
+        if self.metrics is not None:
+            self.metrics.observe_request(
+                ctx.route,
+                ctx.model or "",
+                provider,
+                status,
+                elapsed,
+                tokens_in,
+                tokens_out,
+                ctx.cost_usd or 0.0,
+            )
+        access_log(
+            request_id=ctx.request_id,
+            status=status,
+            latency_ms=round(elapsed * 1000, 3),
+            key_id=principal.key_id if principal is not None else None,
+            model=ctx.model,
+            provider=provider or None,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            cost_usd=ctx.cost_usd or 0.0,
+            attempts=ctx.attempts,
+            route=ctx.route,
+        )
+        if self.audit is None:
+            return
         detail: JSON = {
             "request_id": ctx.request_id,
             "attempts": ctx.attempts,
@@ -190,6 +233,8 @@ class Pipeline:
 
     async def _finish(self, ctx: RequestContext) -> None:
         """Release concurrency slots and charge real token usage."""
+        if ctx.cost_usd is None:
+            self._cost(ctx)
         admitted = ctx.admitted
         if admitted is None:
             return
@@ -213,6 +258,7 @@ class Pipeline:
         try:
             response = await self._failover(ctx, candidates, attempt)
             ctx.usage = response.get("usage")
+            self._cost(ctx)
         finally:
             await self._finish(ctx)
         return response
@@ -256,6 +302,7 @@ class Pipeline:
         try:
             response = await self._failover(ctx, candidates, attempt)
             ctx.usage = response.get("usage")
+            self._cost(ctx)
         finally:
             await self._finish(ctx)
         return response

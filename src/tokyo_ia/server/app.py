@@ -34,7 +34,18 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
-Reply = tuple[int, Any] | ChatStream
+
+
+class RawReply:
+    """A non-JSON body (the Prometheus exposition)."""
+
+    __slots__ = ("body", "content_type", "status")
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        self.status, self.body, self.content_type = status, body, content_type
+
+
+Reply = tuple[int, Any] | ChatStream | RawReply
 Handler = Callable[["Request", RequestContext], Awaitable[Reply]]
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -205,6 +216,7 @@ class GatewayApp:
             "/health/live": {"GET": self.live},
             "/health/ready": {"GET": self.ready},
             "/admin/health": {"GET": self.admin_health},
+            "/metrics": {"GET": self.metrics},
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -244,7 +256,17 @@ class GatewayApp:
             status, error_headers, body = render_error(exc, ctx.request_id)
             await _send_json(send, status, body, [*ctx.response_headers(), *error_headers, *extra])
         else:
-            if isinstance(reply, ChatStream):
+            if isinstance(reply, RawReply):
+                status = reply.status
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": status,
+                        "headers": [(b"content-type", reply.content_type.encode()), *extra],
+                    }
+                )
+                await send({"type": "http.response.body", "body": reply.body})
+            elif isinstance(reply, ChatStream):
                 status = 200
                 await _send_stream(send, receive, reply, [*ctx.response_headers(), *extra], ctx.request_id)
             else:
@@ -314,6 +336,11 @@ class GatewayApp:
         require_admin(ctx)
         return 200, await self.gateway.health.snapshot()
 
+    async def metrics(self, request: Request, ctx: RequestContext) -> Reply:
+        """Prometheus exposition (no secrets, bounded labels)."""
+        body, content_type = self.gateway.metrics.render_metrics()
+        return RawReply(200, body, content_type)
+
     async def live(self, request: Request, ctx: RequestContext) -> Reply:
         return 200, {"status": "live"}
 
@@ -339,5 +366,11 @@ def create_app(config: Config) -> GatewayApp:
 
 def create_app_from_env() -> GatewayApp:
     """App factory for ``uvicorn --factory`` and worker processes: reads TOKYO_IA_CONFIG."""
+    from ..observability.logging import configure_logging
+
+    configure_logging(
+        os.environ.get("TOKYO_IA_LOG_LEVEL", "info"),
+        os.environ.get("TOKYO_IA_LOG_FORMAT", "auto"),  # type: ignore[arg-type]
+    )
     path = os.environ.get("TOKYO_IA_CONFIG")
     return GatewayApp(load_config(path) if path else default_config())
