@@ -18,7 +18,6 @@ event inside a stream, or a stream that ends without ``message_stop``, raises to
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -140,22 +139,7 @@ class AnthropicProvider(Provider):
 
     async def check(self) -> CheckResult:
         """List one model: authenticates and spends no tokens."""
-        started = time.monotonic()
-        try:
-            status, headers, body = await self.http.request_json(
-                "GET",
-                MODELS_PATH + "?limit=1",
-                headers=self._headers,
-                remaining=self.cfg.connect_timeout_s * 2,
-            )
-        except UpstreamError as exc:
-            return CheckResult(False, "connect", exc.message, time.monotonic() - started)
-        elapsed = time.monotonic() - started
-        if status in (401, 403):
-            return CheckResult(False, "auth", self._error(status, headers, body).message, elapsed)
-        if status >= 400:
-            return CheckResult(False, "http", self._error(status, headers, body).message, elapsed)
-        return CheckResult(True, "ok", "listed models", elapsed)
+        return await self.http.check(MODELS_PATH + "?limit=1", self._headers, self._error)
 
     @classmethod
     def embedded_default(cls, env: Mapping[str, str]) -> tuple[JSON, dict[str, str]] | None:

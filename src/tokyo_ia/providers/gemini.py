@@ -163,22 +163,7 @@ class GeminiProvider(Provider):
 
     async def check(self) -> CheckResult:
         """List one model: authenticates and spends no tokens."""
-        started = time.monotonic()
-        try:
-            status, headers, body = await self.http.request_json(
-                "GET",
-                f"/{self.cfg.api_version}/models?pageSize=1",
-                headers=self._headers,
-                remaining=self.cfg.connect_timeout_s * 2,
-            )
-        except UpstreamError as exc:
-            return CheckResult(False, "connect", exc.message, time.monotonic() - started)
-        elapsed = time.monotonic() - started
-        if status >= 400:
-            error = self._error(status, headers, body)
-            stage = "auth" if error.code == "upstream_auth_failed" else "http"
-            return CheckResult(False, stage, error.message, elapsed)
-        return CheckResult(True, "ok", "listed models", elapsed)
+        return await self.http.check(f"/{self.cfg.api_version}/models?pageSize=1", self._headers, self._error)
 
     @classmethod
     def embedded_default(cls, env: Mapping[str, str]) -> tuple[JSON, dict[str, str]] | None:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import email.utils
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +26,7 @@ from ..errors import (
     UpstreamRateLimitError,
     UpstreamTimeoutError,
 )
+from .base import CheckResult
 
 # Statuses after which another attempt (or another deployment) may succeed.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
@@ -181,6 +182,27 @@ class HTTPTransport:
             retryable=True,
             code="upstream_connection_error",
         )
+
+    async def check(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        to_error: Callable[[int, Mapping[str, str], bytes], UpstreamError],
+    ) -> CheckResult:
+        """GET a listing endpoint: proves reachability and credentials, spends no tokens."""
+        started = time.monotonic()
+        try:
+            status, resp_headers, body = await self.request_json(
+                "GET", path, headers=headers, remaining=self.config.connect_timeout_s * 2
+            )
+        except UpstreamError as exc:
+            return CheckResult(False, "connect", exc.message, time.monotonic() - started)
+        elapsed = time.monotonic() - started
+        if status >= 400:
+            error = to_error(status, resp_headers, body)
+            auth = status in (401, 403) or error.code == "upstream_auth_failed"
+            return CheckResult(False, "auth" if auth else "http", error.message, elapsed)
+        return CheckResult(True, "ok", "listed models", elapsed)
 
     async def request_json(
         self,

@@ -8,7 +8,6 @@ meter tokens; the pipeline removes that chunk again if the caller did not ask fo
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -116,19 +115,7 @@ class OpenAIProvider(Provider):
 
     async def check(self) -> CheckResult:
         """List models: authenticates and spends no tokens."""
-        started = time.monotonic()
-        try:
-            status, headers, body = await self.http.request_json(
-                "GET", "/models", headers=self._headers, remaining=self.cfg.connect_timeout_s * 2
-            )
-        except UpstreamError as exc:
-            return CheckResult(False, "connect", exc.message, time.monotonic() - started)
-        elapsed = time.monotonic() - started
-        if status in (401, 403):
-            return CheckResult(False, "auth", self._error(status, headers, body).message, elapsed)
-        if status >= 400:
-            return CheckResult(False, "http", self._error(status, headers, body).message, elapsed)
-        return CheckResult(True, "ok", "listed models", elapsed)
+        return await self.http.check("/models", self._headers, self._error)
 
     @classmethod
     def embedded_default(cls, env: Mapping[str, str]) -> tuple[JSON, dict[str, str]] | None:
