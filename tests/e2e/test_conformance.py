@@ -65,7 +65,9 @@ def env(request: pytest.FixtureRequest) -> Iterator[Env]:
         for status, _, _ in ERRORS:
             models[f"err-{status}"] = [{"provider": "p", "model": f"error-{status}"}]
         with GatewayProcess({"providers": {"p": provider}, "models": models}) as gateway:
-            yield Env(case, gateway)
+            env = Env(case, gateway)
+            with env.client:
+                yield env
     finally:
         if emulator is not None:
             emulator.stop()

@@ -19,16 +19,14 @@ event inside a stream, or a stream that ends without ``message_stop``, raises to
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
 
-import orjson
 from pydantic import Field
 
 from ..config import ProviderConfig
 from ..errors import UpstreamError
 from .anthropic_translate import StreamTranslator, error_message, from_messages_response, to_messages_request
-from .base import JSON, ChatCall, CheckResult, Provider
-from .http import HTTPTransport, error_for_status, parse_retry_after
+from .base import JSON, ChatCall
+from .http import HTTPProvider, error_for_status, parse_retry_after
 
 MESSAGES_PATH = "/v1/messages"
 MODELS_PATH = "/v1/models"
@@ -44,36 +42,25 @@ class AnthropicConfig(ProviderConfig):
     """The ``anthropic-version`` header: the wire format this module was written against."""
 
 
-class AnthropicProvider(Provider):
+class AnthropicProvider(HTTPProvider):
     kind = "anthropic"
     settings_model = AnthropicConfig
     default_base_url = "https://api.anthropic.com"
+    check_path = MODELS_PATH + "?limit=1"
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
-        super().__init__(name, config)
         assert isinstance(config, AnthropicConfig)
         self.cfg = config
-        base_url = (config.base_url or self.default_base_url).rstrip("/")
-        base_url = base_url.removesuffix("/v1")
-        self.http = HTTPTransport(name, config, base_url)
-        headers = {
-            "content-type": "application/json",
-            "accept": "application/json",
-            "anthropic-version": config.anthropic_version,
-        }
+        super().__init__(name, config)
+
+    def _base_url(self, config: ProviderConfig) -> str:
+        return super()._base_url(config).rstrip("/").removesuffix("/v1")
+
+    def _auth_headers(self, config: ProviderConfig) -> dict[str, str]:
+        headers = {"anthropic-version": self.cfg.anthropic_version}
         if config.api_key is not None:
             headers["x-api-key"] = config.api_key.get_secret_value()
-        headers.update({k.lower(): v for k, v in config.headers.items()})
-        self._headers = headers
-
-    async def start(self) -> None:
-        await self.http.start()
-
-    async def close(self) -> None:
-        await self.http.close()
-
-    def _headers_for(self, extra: Mapping[str, str]) -> dict[str, str]:
-        return {**self._headers, **extra} if extra else self._headers
+        return headers
 
     def _payload(self, call: ChatCall) -> JSON:
         return to_messages_request(call.body, call.model, default_max_tokens=self.cfg.default_max_tokens)
@@ -92,27 +79,12 @@ class AnthropicProvider(Provider):
         )
 
     async def chat(self, call: ChatCall) -> JSON:
-        status, headers, body = await self.http.request_json(
-            "POST",
-            MESSAGES_PATH,
-            payload=self._payload(call),
-            headers=self._headers_for(call.headers),
-            remaining=call.remaining(),
-        )
-        if status >= 400:
-            raise self._error(status, headers, body)
-        return from_messages_response(self._decode(body))
+        return from_messages_response(await self._post(MESSAGES_PATH, self._payload(call), call))
 
     async def stream(self, call: ChatCall) -> AsyncIterator[JSON]:
-        payload = {**self._payload(call), "stream": True}
-        headers = {**self._headers_for(call.headers), "accept": "text/event-stream"}
         translator = StreamTranslator(self.name, call.model)
-        async with self.http.open_stream(
-            MESSAGES_PATH, payload=payload, headers=headers, remaining=call.remaining()
-        ) as resp:
-            if resp.status >= 400:
-                raise self._error(resp.status, resp.headers, await resp.read())
-            async for event in self.http.sse_events(resp):
+        async with self._sse(MESSAGES_PATH, {**self._payload(call), "stream": True}, call) as events:
+            async for event in events:
                 for chunk in translator.feed(self._decode(event.data.encode())):
                     yield chunk
                 if translator.done:
@@ -123,23 +95,6 @@ class AnthropicProvider(Provider):
             retryable=True,
             code="upstream_stream_truncated",
         )
-
-    def _decode(self, body: bytes) -> JSON:
-        try:
-            value: Any = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            value = None
-        if not isinstance(value, dict):
-            raise UpstreamError(
-                f"provider '{self.name}' sent a body that is not a JSON object: {body[:200]!r}",
-                provider=self.name,
-                code="upstream_bad_response",
-            )
-        return value
-
-    async def check(self) -> CheckResult:
-        """List one model: authenticates and spends no tokens."""
-        return await self.http.check(MODELS_PATH + "?limit=1", self._headers, self._error)
 
     @classmethod
     def embedded_default(cls, env: Mapping[str, str]) -> tuple[JSON, dict[str, str]] | None:

@@ -85,9 +85,7 @@ class Provider(ABC):
     @property
     def endpoint(self) -> str | None:
         """The upstream base URL, for diagnostics; None for a local provider."""
-        http = getattr(self, "http", None)
-        base = getattr(http, "base_url", None)
-        return base if isinstance(base, str) else None
+        return None
 
     async def start(self) -> None:
         """Open connection pools. Called once per process, inside the event loop."""

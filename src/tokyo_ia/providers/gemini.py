@@ -24,7 +24,6 @@ import base64
 import math
 import re
 import struct
-import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -33,9 +32,9 @@ from pydantic import Field
 
 from ..config import ProviderConfig
 from ..errors import InvalidRequestError, UnsupportedError, UpstreamError
-from .base import JSON, ChatCall, CheckResult, EmbedCall, Provider
+from .base import JSON, ChatCall, EmbedCall
 from .gemini_translate import StreamTranslator, from_gemini_response, to_gemini_request
-from .http import HTTPTransport, error_for_status, parse_retry_after
+from .http import HTTPProvider, error_for_status, parse_retry_after
 
 _AUTH_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED"})
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
@@ -49,43 +48,27 @@ class GeminiConfig(ProviderConfig):
     ``[{category: HARM_CATEGORY_HARASSMENT, threshold: BLOCK_ONLY_HIGH}]``."""
 
 
-class GeminiProvider(Provider):
+class GeminiProvider(HTTPProvider):
     kind = "gemini"
     settings_model = GeminiConfig
     default_base_url = "https://generativelanguage.googleapis.com"
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
-        super().__init__(name, config)
         assert isinstance(config, GeminiConfig)
         self.cfg = config
-        self.http = HTTPTransport(name, config, config.base_url or self.default_base_url)
-        headers = {"content-type": "application/json", "accept": "application/json"}
-        if config.api_key is not None:
-            headers["x-goog-api-key"] = config.api_key.get_secret_value()
-        headers.update({k.lower(): v for k, v in config.headers.items()})
-        self._headers = headers
+        super().__init__(name, config)
 
-    async def start(self) -> None:
-        await self.http.start()
+    def _auth_headers(self, config: ProviderConfig) -> dict[str, str]:
+        if config.api_key is None:
+            return {}
+        return {"x-goog-api-key": config.api_key.get_secret_value()}
 
-    async def close(self) -> None:
-        await self.http.close()
+    def _check_path(self) -> str:
+        return f"/{self.cfg.api_version}/models?pageSize=1"
 
     def _path(self, model: str, method: str) -> str:
         resource = model if model.startswith(("models/", "tunedModels/")) else f"models/{model}"
         return f"/{self.cfg.api_version}/{resource}:{method}"
-
-    def _headers_for(self, extra: Mapping[str, str]) -> dict[str, str]:
-        return {**self._headers, **extra} if extra else self._headers
-
-    async def _post(self, path: str, payload: JSON, call: ChatCall | EmbedCall) -> JSON:
-        remaining = None if call.deadline is None else max(0.0, call.deadline - time.monotonic())
-        status, headers, body = await self.http.request_json(
-            "POST", path, payload=payload, headers=self._headers_for(call.headers), remaining=remaining
-        )
-        if status >= 400:
-            raise self._error(status, headers, body)
-        return self._decode(body)
 
     # -- chat -------------------------------------------------------------------------------
 
@@ -105,14 +88,9 @@ class GeminiProvider(Provider):
         when the caller did not ask for usage)."""
         payload = to_gemini_request(call.body, self.cfg.safety_settings)
         path = self._path(call.model, "streamGenerateContent") + "?alt=sse"
-        headers = {**self._headers_for(call.headers), "accept": "text/event-stream"}
         translator = StreamTranslator(request_id=call.request_id, model=call.model)
-        async with self.http.open_stream(
-            path, payload=payload, headers=headers, remaining=call.remaining()
-        ) as resp:
-            if resp.status >= 400:
-                raise self._error(resp.status, resp.headers, await resp.read())
-            async for event in self.http.sse_events(resp):
+        async with self._sse(path, payload, call) as events:
+            async for event in events:
                 data = self._decode(event.data.encode())
                 if "error" in data and "candidates" not in data:
                     message, code, _ = _google_error(event.data.encode())
@@ -159,11 +137,7 @@ class GeminiProvider(Provider):
             )
         return _embedding_list(vectors, texts, call, data)
 
-    # -- doctor and defaults --------------------------------------------------------------
-
-    async def check(self) -> CheckResult:
-        """List one model: authenticates and spends no tokens."""
-        return await self.http.check(f"/{self.cfg.api_version}/models?pageSize=1", self._headers, self._error)
+    # -- defaults -------------------------------------------------------------------------
 
     @classmethod
     def embedded_default(cls, env: Mapping[str, str]) -> tuple[JSON, dict[str, str]] | None:
@@ -174,23 +148,6 @@ class GeminiProvider(Provider):
         return {"api_key": f"${{env:{variable}}}"}, {m: m for m in models}
 
     # -- errors ---------------------------------------------------------------------------
-
-    def _decode(self, body: bytes) -> JSON:
-        try:
-            value = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            raise UpstreamError(
-                f"provider '{self.name}' sent a body that is not JSON: {body[:200]!r}",
-                provider=self.name,
-                code="upstream_bad_response",
-            ) from None
-        if not isinstance(value, dict):
-            raise UpstreamError(
-                f"provider '{self.name}' sent JSON that is not an object",
-                provider=self.name,
-                code="upstream_bad_response",
-            )
-        return value
 
     def _error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamError:
         message, code, details = _google_error(body)

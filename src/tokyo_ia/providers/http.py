@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import email.utils
 import time
+from abc import abstractmethod
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 import orjson
@@ -26,7 +27,7 @@ from ..errors import (
     UpstreamRateLimitError,
     UpstreamTimeoutError,
 )
-from .base import CheckResult
+from .base import JSON, Call, CheckResult, Provider
 
 # Statuses after which another attempt (or another deployment) may succeed.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
@@ -281,3 +282,88 @@ class HTTPTransport:
                 yield SSEEvent(event or "message", "\n".join(data))
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise self._convert(exc, self.base_url) from exc
+
+
+class HTTPProvider(Provider):
+    """A provider that speaks HTTP: one pooled transport and a fixed set of request headers.
+
+    Subclasses give their auth headers, how to read their error bodies (:meth:`_error`) and the
+    listing path that :meth:`check` calls; posting, decoding, opening an SSE stream, start-up
+    and shutdown are the same for every HTTP API and live here.
+    """
+
+    default_base_url: ClassVar[str] = ""
+    check_path: ClassVar[str] = "/models"
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        super().__init__(name, config)
+        self.http = HTTPTransport(name, config, self._base_url(config))
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        headers.update(self._auth_headers(config))
+        headers.update({k.lower(): v for k, v in config.headers.items()})
+        self._headers = headers
+
+    def _base_url(self, config: ProviderConfig) -> str:
+        return config.base_url or self.default_base_url
+
+    def _auth_headers(self, config: ProviderConfig) -> dict[str, str]:
+        """Headers that authenticate every call (the API key's header, version pins...)."""
+        return {}
+
+    @abstractmethod
+    def _error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamError:
+        """The gateway error for an upstream error response (reads the provider's error body)."""
+
+    @property
+    def endpoint(self) -> str | None:
+        return self.http.base_url
+
+    async def start(self) -> None:
+        await self.http.start()
+
+    async def close(self) -> None:
+        await self.http.close()
+
+    def _headers_for(self, extra: Mapping[str, str]) -> dict[str, str]:
+        return {**self._headers, **extra} if extra else self._headers
+
+    def _decode(self, body: bytes) -> JSON:
+        """A response body that must be a JSON object; anything else is the upstream's fault."""
+        try:
+            value: Any = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            value = None
+        if not isinstance(value, dict):
+            raise UpstreamError(
+                f"provider '{self.name}' sent a body that is not a JSON object: {body[:200]!r}",
+                provider=self.name,
+                code="upstream_bad_response",
+            )
+        return value
+
+    async def _post(self, path: str, payload: JSON, call: Call) -> JSON:
+        """POST within the call's deadline; an error status raises, a success is decoded."""
+        status, headers, body = await self.http.request_json(
+            "POST", path, payload=payload, headers=self._headers_for(call.headers), remaining=call.remaining()
+        )
+        if status >= 400:
+            raise self._error(status, headers, body)
+        return self._decode(body)
+
+    @contextlib.asynccontextmanager
+    async def _sse(self, path: str, payload: JSON, call: Call) -> AsyncIterator[AsyncIterator[SSEEvent]]:
+        """Open a streamed POST and hand back its events; an error status raises first."""
+        headers = {**self._headers_for(call.headers), "accept": "text/event-stream"}
+        async with self.http.open_stream(
+            path, payload=payload, headers=headers, remaining=call.remaining()
+        ) as resp:
+            if resp.status >= 400:
+                raise self._error(resp.status, resp.headers, await resp.read())
+            yield self.http.sse_events(resp)
+
+    def _check_path(self) -> str:
+        return self.check_path
+
+    async def check(self) -> CheckResult:
+        """List models: proves reachability and credentials, spends no tokens."""
+        return await self.http.check(self._check_path(), self._headers, self._error)

@@ -15,8 +15,8 @@ import orjson
 
 from ..config import ProviderConfig
 from ..errors import UpstreamError
-from .base import JSON, ChatCall, CheckResult, EmbedCall, Provider
-from .http import HTTPTransport, error_for_status, parse_retry_after
+from .base import JSON, ChatCall, EmbedCall
+from .http import HTTPProvider, error_for_status, parse_retry_after
 
 
 class OpenAIConfig(ProviderConfig):
@@ -25,32 +25,23 @@ class OpenAIConfig(ProviderConfig):
     organization: str | None = None
 
 
-class OpenAIProvider(Provider):
+class OpenAIProvider(HTTPProvider):
     kind = "openai"
     settings_model = OpenAIConfig
     default_base_url = "https://api.openai.com/v1"
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
-        super().__init__(name, config)
         assert isinstance(config, OpenAIConfig)
         self.cfg = config
-        self.http = HTTPTransport(name, config, config.base_url or self.default_base_url)
-        headers = {"content-type": "application/json", "accept": "application/json"}
+        super().__init__(name, config)
+
+    def _auth_headers(self, config: ProviderConfig) -> dict[str, str]:
+        headers = {}
         if config.api_key is not None:
             headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
-        if config.organization:
-            headers["openai-organization"] = config.organization
-        headers.update({k.lower(): v for k, v in config.headers.items()})
-        self._headers = headers
-
-    async def start(self) -> None:
-        await self.http.start()
-
-    async def close(self) -> None:
-        await self.http.close()
-
-    def _headers_for(self, extra: Mapping[str, str]) -> dict[str, str]:
-        return {**self._headers, **extra} if extra else self._headers
+        if self.cfg.organization:
+            headers["openai-organization"] = self.cfg.organization
+        return headers
 
     def _error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamError:
         message, code = _error_message(body)
@@ -60,32 +51,17 @@ class OpenAIProvider(Provider):
         payload = {**call.body, "model": call.model}
         payload.pop("stream", None)
         payload.pop("stream_options", None)
-        status, headers, body = await self.http.request_json(
-            "POST",
-            "/chat/completions",
-            payload=payload,
-            headers=self._headers_for(call.headers),
-            remaining=call.remaining(),
-        )
-        if status >= 400:
-            raise self._error(status, headers, body)
-        return _decode(self.name, body)
+        return await self._post("/chat/completions", payload, call)
 
     async def stream(self, call: ChatCall) -> AsyncIterator[JSON]:
         payload: dict[str, Any] = {**call.body, "model": call.model, "stream": True}
         if self.cfg.stream_usage:
             payload["stream_options"] = {**(call.body.get("stream_options") or {}), "include_usage": True}
-        headers = self._headers_for(call.headers)
-        headers = {**headers, "accept": "text/event-stream"}
-        async with self.http.open_stream(
-            "/chat/completions", payload=payload, headers=headers, remaining=call.remaining()
-        ) as resp:
-            if resp.status >= 400:
-                raise self._error(resp.status, resp.headers, await resp.read())
-            async for event in self.http.sse_events(resp):
+        async with self._sse("/chat/completions", payload, call) as events:
+            async for event in events:
                 if event.data == "[DONE]":
                     return
-                chunk = _decode(self.name, event.data.encode())
+                chunk = self._decode(event.data.encode())
                 if "error" in chunk and "choices" not in chunk:
                     message, code = _error_message(event.data.encode())
                     raise UpstreamError(
@@ -101,21 +77,7 @@ class OpenAIProvider(Provider):
         )
 
     async def embed(self, call: EmbedCall) -> JSON:
-        payload = {**call.body, "model": call.model}
-        status, headers, body = await self.http.request_json(
-            "POST",
-            "/embeddings",
-            payload=payload,
-            headers=self._headers_for(call.headers),
-            remaining=call.remaining(),
-        )
-        if status >= 400:
-            raise self._error(status, headers, body)
-        return _decode(self.name, body)
-
-    async def check(self) -> CheckResult:
-        """List models: authenticates and spends no tokens."""
-        return await self.http.check("/models", self._headers, self._error)
+        return await self._post("/embeddings", {**call.body, "model": call.model}, call)
 
     @classmethod
     def embedded_default(cls, env: Mapping[str, str]) -> tuple[JSON, dict[str, str]] | None:
@@ -123,24 +85,6 @@ class OpenAIProvider(Provider):
             return None
         models = ("gpt-4o-mini", "gpt-4o", "gpt-4.1", "gpt-4.1-mini", "text-embedding-3-small")
         return {"api_key": "${env:OPENAI_API_KEY}"}, {m: m for m in models}
-
-
-def _decode(provider: str, body: bytes) -> JSON:
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise UpstreamError(
-            f"provider '{provider}' sent a body that is not JSON: {body[:200]!r}",
-            provider=provider,
-            code="upstream_bad_response",
-        ) from None
-    if not isinstance(value, dict):
-        raise UpstreamError(
-            f"provider '{provider}' sent JSON that is not an object",
-            provider=provider,
-            code="upstream_bad_response",
-        )
-    return value
 
 
 def _error_message(body: bytes) -> tuple[str, str | None]:
