@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from .accounting.pricing import PriceTable
 from .config import Config
@@ -18,7 +19,7 @@ from .providers.base import Provider
 from .resilience.admission import Admission
 from .resilience.breaker import BreakerBoard, Breakers
 from .resilience.health import ActiveHealthChecker, HealthMonitor, ProbeLease
-from .resilience.ratelimit import Limits, ProviderThrottle, build_rate_limiter
+from .resilience.ratelimit import Limits, MemoryRateLimiter, ProviderThrottle, RateLimiter
 from .resilience.retry import RetryPolicy
 from .routing.catalog import Catalog
 from .security.audit import AuditWriter
@@ -27,7 +28,16 @@ from .security.keycache import KeyCache
 from .security.keys import KeyService
 from .store.db import check_schema, create_engine, session_factory
 
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
 log = logging.getLogger("tokyo_ia")
+
+
+def _connect(url: str) -> Redis:
+    from .redis_client import connect  # redis-py is loaded only when redis.url is set
+
+    return connect(url)
 
 
 class Gateway:
@@ -54,10 +64,10 @@ class Gateway:
             if a.enabled
             else None
         )
-        self.limiter = build_rate_limiter(config.redis.url)
         limits = config.limits
         self.metrics = Metrics.from_config(config)
-        self.breakers = self._breakers(config)
+        self.redis = None if not config.redis.url else _connect(config.redis.url)
+        self.limiter, self.breakers, self.probe_lease = self._shared_state(config)
         self.health = HealthMonitor(
             [d for name in self.catalog.names() for d in self.catalog.deployments(name)],
             self.breakers,
@@ -95,28 +105,25 @@ class Gateway:
             log.warning("auth: ON - the database holds virtual keys, so every request needs one")
         await asyncio.gather(*(p.start() for p in self.providers.values()))
         if self.config.resilience.health.active:
-            self.checker = ActiveHealthChecker(self.health, lease=self._probe_lease())
+            self.checker = ActiveHealthChecker(self.health, lease=self.probe_lease)
             self.checker.start()
         self.ready = True
 
-    @staticmethod
-    def _breakers(config: Config) -> Breakers:
+    def _shared_state(self, config: Config) -> tuple[RateLimiter, Breakers, ProbeLease | None]:
+        """Limits, circuits and probe leases: in Redis when configured (so they hold across
+        replicas, all on the one client), else in this process."""
         settings = config.resilience.breaker
-        if config.redis.url:
-            from .resilience.breaker_redis import RedisBreakerBoard
-
-            return RedisBreakerBoard.from_url(config.redis.url, settings=settings)
-        return BreakerBoard(settings)
-
-    def _probe_lease(self) -> ProbeLease | None:
-        """With Redis, one replica probes each provider per interval and shares the result."""
-        if not self.config.redis.url:
-            return None
-        from redis.asyncio import Redis
-
+        if self.redis is None:
+            return MemoryRateLimiter(), BreakerBoard(settings), None
+        from .resilience.breaker_redis import RedisBreakerBoard
         from .resilience.health import RedisProbeLease
+        from .resilience.ratelimit_redis import RedisRateLimiter
 
-        return RedisProbeLease(Redis.from_url(self.config.redis.url, socket_timeout=0.5))
+        return (
+            RedisRateLimiter(self.redis),
+            RedisBreakerBoard(self.redis, settings),
+            RedisProbeLease(self.redis),
+        )
 
     async def close(self) -> None:
         self.ready = False
@@ -129,6 +136,8 @@ class Gateway:
         if self.audit is not None:
             await self.audit.close()  # drains every queued record before the pool closes
         self.metrics.close()
-        await self.breakers.close()
+        await self.breakers.close()  # flushes successes not yet counted in Redis
         await self.limiter.close()
+        if self.redis is not None:
+            await self.redis.aclose()
         await self.db.dispose()

@@ -31,10 +31,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from ..redis_client import connect
 from .base import COMPRESS_OVER, JSON, CachedEntry, CacheStats, decode_entry, encode_entry
 from .coalesce import Coalescer
 
@@ -72,13 +71,7 @@ class RedisCache:
         cls, url: str, *, client_options: dict[str, Any] | None = None, **options: Any
     ) -> RedisCache:
         """A cache with its own connection pool (fast-failing timeouts), closed by :meth:`close`."""
-        settings: dict[str, Any] = {
-            "socket_timeout": 0.5,
-            "socket_connect_timeout": 0.5,
-            "retry": Retry(NoBackoff(), 1),
-            **(client_options or {}),
-        }
-        return cls(Redis.from_url(url, **settings), owns_client=True, **options)
+        return cls(connect(url, **(client_options or {})), owns_client=True, **options)
 
     @property
     def available(self) -> bool:

@@ -32,10 +32,9 @@ from types import TracebackType
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from ..redis_client import connect
 from .ratelimit import (
     MAX_DEBT_PERIODS,
     PERIOD_S,
@@ -175,13 +174,7 @@ class RedisRateLimiter:
         cls, url: str, *, client_options: dict[str, Any] | None = None, **options: Any
     ) -> RedisRateLimiter:
         """A limiter with its own connection pool (fast-failing timeouts), closed by :meth:`close`."""
-        settings: dict[str, Any] = {
-            "socket_timeout": 0.5,
-            "socket_connect_timeout": 0.5,
-            "retry": Retry(NoBackoff(), 1),
-            **(client_options or {}),
-        }
-        return cls(Redis.from_url(url, **settings), owns_client=True, **options)
+        return cls(connect(url, **(client_options or {})), owns_client=True, **options)
 
     @property
     def available(self) -> bool:
