@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
-from .config import Config, default_config, load_config
+from .config import Config, load_config_or_default
 from .errors import ConfigError
 
 
@@ -21,11 +21,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def _load(path: str | None) -> Config:
-    path = path or os.environ.get("TOKYO_IA_CONFIG")
-    return load_config(path) if path else default_config()
 
 
 def _banner(config: Config, host: str, port: int, workers: int, source: str, *, tls: bool = False) -> str:
@@ -50,7 +45,7 @@ def _banner(config: Config, host: str, port: int, workers: int, source: str, *, 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    config = _load(args.config)
+    config = load_config_or_default(args.config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
@@ -109,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = _load(args.config)
+    config = load_config_or_default(args.config)
     print(f"ok: {len(config.providers)} providers, {len(config.models)} models")
     return 0
 
@@ -117,7 +112,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import format_table, run_doctor
 
-    reports = asyncio.run(run_doctor(_load(args.config), stage_timeout_s=args.timeout))
+    reports = asyncio.run(run_doctor(load_config_or_default(args.config), stage_timeout_s=args.timeout))
     print(format_table(reports))
     return 0 if all(r.result.ok for r in reports) else 1
 

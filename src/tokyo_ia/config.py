@@ -337,6 +337,12 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     return parse_config(data, source=str(p))
 
 
+def load_config_or_default(path: str | os.PathLike[str] | None = None) -> Config:
+    """What every command runs on: ``path``, else ``$TOKYO_IA_CONFIG``, else the embedded default."""
+    path = path or os.environ.get("TOKYO_IA_CONFIG")
+    return load_config(path) if path else default_config()
+
+
 def default_config(environ: Mapping[str, str] | None = None) -> Config:
     """The embedded default: demo provider plus each real provider whose key is set."""
     from .providers.registry import embedded_defaults

@@ -8,57 +8,15 @@ the chain is broken, so a cron job or a CI step can alert on it.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import os
-import sys
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ..config import Config, default_config, load_config
-from ..errors import ConfigError, GatewayError
-from ..store.db import check_schema, create_engine, redact, session_factory
+from ..store.cli import database_command
 from ..store.models import AuditEntry
 from .audit import verify
-
-Action = Callable[[async_sessionmaker[AsyncSession], argparse.Namespace], Awaitable[int]]
-
-
-def _config(path: str | None) -> Config:
-    path = path or os.environ.get("TOKYO_IA_CONFIG")
-    return load_config(path) if path else default_config()
-
-
-def _command(action: Action) -> Callable[[argparse.Namespace], int]:
-    """Run ``action`` on the config's migrated database; database failures become one line."""
-
-    def command(args: argparse.Namespace) -> int:
-        url = _config(args.config).store.url
-
-        async def go() -> int:
-            engine = create_engine(url)
-            try:
-                await check_schema(engine)
-                return await action(session_factory(engine), args)
-            finally:
-                await engine.dispose()
-
-        try:
-            return asyncio.run(go())
-        except GatewayError as exc:
-            print(f"tokyo-ia: error: {exc.message}", file=sys.stderr)
-            return 1
-        except (DBAPIError, OSError) as exc:
-            raise ConfigError(
-                f"cannot use the database {redact(url)} ({type(exc).__name__}: {exc}); check store.url "
-                "and that the database server is running"
-            ) from None
-
-    return command
 
 
 async def _verify(sessions: async_sessionmaker[AsyncSession], args: argparse.Namespace) -> int:
@@ -143,10 +101,10 @@ def add_commands(subparsers: Any) -> None:
 
     check = audit_sub.add_parser("verify", help="recompute the hash chain; exit 1 if tampered")
     check.add_argument("--config", help=config_help)
-    check.set_defaults(func=_command(_verify))
+    check.set_defaults(func=database_command(_verify))
 
     tail = audit_sub.add_parser("tail", help="show the newest records")
     tail.add_argument("--config", help=config_help)
     tail.add_argument("-n", type=_count, default=20, help="how many records (default: 20)")
     tail.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    tail.set_defaults(func=_command(_tail))
+    tail.set_defaults(func=database_command(_tail))

@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ..config import Config, default_config, load_config
+from ..config import load_config_or_default
 from ..errors import ConfigError, GatewayError, InvalidRequestError
 from ..security.keys import KeyRecord, KeyService
 from .db import check_schema, create_engine, current_revision, head_revision, redact, session_factory, upgrade
 
 Action = Callable[[KeyService, argparse.Namespace], Awaitable[Any]]
-
-
-def _config(path: str | None) -> Config:
-    path = path or os.environ.get("TOKYO_IA_CONFIG")
-    return load_config(path) if path else default_config()
+DatabaseAction = Callable[[async_sessionmaker[AsyncSession], argparse.Namespace], Awaitable[Any]]
 
 
 def _database_error(url: str, exc: BaseException) -> ConfigError:
@@ -54,7 +50,7 @@ def _run(coro_factory: Callable[[], Coroutine[Any, Any, int]], url: str) -> int:
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
-    url = _config(args.config).store.url
+    url = load_config_or_default(args.config).store.url
 
     async def go() -> int:
         await upgrade(url)
@@ -65,7 +61,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def cmd_db_current(args: argparse.Namespace) -> int:
-    url = _config(args.config).store.url
+    url = load_config_or_default(args.config).store.url
 
     async def go() -> int:
         engine = create_engine(url)
@@ -84,17 +80,17 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 # -- keys -------------------------------------------------------------------------------
 
 
-def _keys_command(action: Action) -> Callable[[argparse.Namespace], int]:
-    """Wrap an action so it gets a KeyService on the config's (migrated) database."""
+def database_command(action: DatabaseAction) -> Callable[[argparse.Namespace], int]:
+    """A command that runs ``action`` on the config's database, refusing an unmigrated one."""
 
     def command(args: argparse.Namespace) -> int:
-        url = _config(args.config).store.url
+        url = load_config_or_default(args.config).store.url
 
         async def go() -> int:
             engine = create_engine(url)
             try:
                 await check_schema(engine)
-                result = await action(KeyService(session_factory(engine)), args)
+                result = await action(session_factory(engine), args)
             finally:
                 await engine.dispose()
             return int(result or 0)
@@ -102,6 +98,11 @@ def _keys_command(action: Action) -> Callable[[argparse.Namespace], int]:
         return _run(go, url)
 
     return command
+
+
+def _keys_command(action: Action) -> Callable[[argparse.Namespace], int]:
+    """Wrap an action so it gets a KeyService on the config's (migrated) database."""
+    return database_command(lambda sessions, args: action(KeyService(sessions), args))
 
 
 def _metadata(pairs: Sequence[str] | None) -> dict[str, str] | None:
