@@ -77,7 +77,11 @@ class Gateway:
         self.pipeline = Pipeline(
             self.authenticator,
             self.catalog,
-            Admission(self.limiter, Limits(limits.rpm, limits.tpm, limits.max_parallel)),
+            Admission(
+                self.limiter,
+                Limits(limits.rpm, limits.tpm, limits.max_parallel),
+                estimate=any(p.tpm for p in config.providers.values()),
+            ),
             retries={
                 name: RetryPolicy(p.max_retries, p.retry_backoff_s, p.retry_backoff_max_s)
                 for name, p in config.providers.items()

@@ -232,9 +232,8 @@ class Pipeline:
         return candidates
 
     async def _finish(self, ctx: RequestContext) -> None:
-        """Release concurrency slots and charge real token usage."""
-        if ctx.cost_usd is None:
-            self._cost(ctx)
+        """Release concurrency slots, price the usage and charge the real token count."""
+        self._cost(ctx)
         admitted = ctx.admitted
         if admitted is None:
             return
@@ -250,15 +249,16 @@ class Pipeline:
 
     async def chat(self, ctx: RequestContext, body: JSON) -> JSON:
         """A complete answer for a request that went through :meth:`prepare_chat`."""
+        return await self._answer(ctx, body, lambda d: d.provider.chat(self._chat_call(ctx, body, d)))
+
+    async def _answer(
+        self, ctx: RequestContext, body: JSON, attempt: Callable[[Deployment], Awaitable[JSON]]
+    ) -> JSON:
+        """Admit, call with failover, then release the admission and price the usage."""
         candidates = await self._admit(ctx, body)
-
-        async def attempt(d: Deployment) -> JSON:
-            return await d.provider.chat(self._chat_call(ctx, body, d))
-
         try:
             response = await self._failover(ctx, candidates, attempt)
             ctx.usage = response.get("usage")
-            self._cost(ctx)
         finally:
             await self._finish(ctx)
         return response
@@ -290,22 +290,16 @@ class Pipeline:
             raise
         return ChatStream(first, rest, wants_usage(body), ctx, self._finish)
 
-    async def embeddings(self, ctx: RequestContext, body: Any) -> JSON:
+    async def embeddings(self, ctx: RequestContext, raw: Any) -> JSON:
         await self.authenticate(ctx)
-        body = validate_embeddings(body)
-        candidates = await self._admit(ctx, body)
-
-        async def attempt(d: Deployment) -> JSON:
-            call = EmbedCall(body, d.model, ctx.request_id, self._deadline(ctx), ctx.propagate)
-            return await d.provider.embed(call)
-
-        try:
-            response = await self._failover(ctx, candidates, attempt)
-            ctx.usage = response.get("usage")
-            self._cost(ctx)
-        finally:
-            await self._finish(ctx)
-        return response
+        body = validate_embeddings(raw)
+        return await self._answer(
+            ctx,
+            body,
+            lambda d: d.provider.embed(
+                EmbedCall(body, d.model, ctx.request_id, self._deadline(ctx), ctx.propagate)
+            ),
+        )
 
     def _deadline(self, ctx: RequestContext) -> float:
         return ctx.started + self.deadline_s

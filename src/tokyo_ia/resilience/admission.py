@@ -22,23 +22,27 @@ class Admitted:
 
     def __init__(self, tokens: int) -> None:
         self.tokens = tokens
-        self.decision: Decision | None = None  # the key's, shown in x-ratelimit-* headers
+        self.decision: Decision | None = None  # the first metered scope's, for x-ratelimit-*
         self.scopes: list[tuple[str, Limits]] = []
-        self.slots = contextlib.AsyncExitStack()
+        self.slots: contextlib.AsyncExitStack | None = None  # only when a parallel limit applies
 
     async def release(self) -> None:
-        await self.slots.aclose()
+        if self.slots is not None:
+            await self.slots.aclose()
 
 
 class Admission:
-    def __init__(self, limiter: RateLimiter, global_limits: Limits) -> None:
+    def __init__(self, limiter: RateLimiter, global_limits: Limits, *, estimate: bool = False) -> None:
+        """``estimate``: estimate prompt tokens even with no TPM limit here (a provider has one)."""
         self.limiter = limiter
         self.global_limits = global_limits
+        self.estimate = estimate or global_limits.tpm is not None
 
     async def admit(self, principal: Principal, body: dict[str, Any]) -> Admitted:
         """Count the request against its key and the gateway, or raise a 429 saying which."""
         key_limits = Limits(principal.rpm, principal.tpm, principal.max_parallel)
-        admitted = Admitted(estimate_tokens(body))
+        # The estimate walks every message: only pay for it when some TPM limit will use it.
+        admitted = Admitted(estimate_tokens(body) if self.estimate or key_limits.tpm else 0)
         for scope, limits in ((f"key:{principal.key_id}", key_limits), ("global", self.global_limits)):
             if limits.metered:
                 decision = await self.limiter.acquire(scope, limits, admitted.tokens)
@@ -49,6 +53,8 @@ class Admission:
                 if admitted.decision is None:
                     admitted.decision = decision
             if limits.max_parallel is not None:
+                if admitted.slots is None:
+                    admitted.slots = contextlib.AsyncExitStack()
                 try:
                     await admitted.slots.enter_async_context(
                         self.limiter.parallel(scope, limits.max_parallel)
