@@ -92,3 +92,19 @@ class GatewayProcess:
 
 def openai_provider(emu_url: str, **extra: Any) -> dict[str, Any]:
     return {"kind": "openai", "base_url": emu_url + "/v1", "api_key": "test-key", **extra}
+
+
+class FakeClock:
+    """Time that moves only when the test says so (pass it where code takes a clock)."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds

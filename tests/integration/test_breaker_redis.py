@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.integration.conftest_redis import REDIS_URL, connect_or_skip, delete_prefix, unique_prefix
+from tests.support import FakeClock
 from tokyo_ia.config import ProviderConfig
 from tokyo_ia.errors import UpstreamBadRequestError, UpstreamTimeoutError
 from tokyo_ia.providers.base import JSON, ChatCall, CheckResult, Provider
@@ -26,17 +27,6 @@ LABEL = "openai/gpt-4o-mini"
 SETTINGS = BreakerSettings(
     window_s=30, min_requests=4, failure_ratio=0.5, consecutive_failures=3, cooldown_s=15, cache_s=1.0
 )
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class CountingProvider(Provider):
@@ -71,7 +61,7 @@ async def prefix(redis: Redis) -> AsyncIterator[str]:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_000_000.0)
 
 
 def board(redis: Redis, prefix: str, clock: FakeClock | None, **update: object) -> RedisBreakerBoard:

@@ -11,6 +11,7 @@ import asyncio
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from tests.support import FakeClock
 from tokyo_ia.errors import AuthenticationError
 from tokyo_ia.security.auth import digest
 from tokyo_ia.security.keycache import KeyCache
@@ -27,14 +28,6 @@ class CountingService(KeyService):
         return await super().lookup(key_hash)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def service(sessions: async_sessionmaker[AsyncSession]) -> CountingService:
     return CountingService(sessions)
@@ -46,17 +39,17 @@ def other_replica(sessions: async_sessionmaker[AsyncSession]) -> KeyService:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def cache(service: CountingService, clock: Clock) -> KeyCache:
+def cache(service: CountingService, clock: FakeClock) -> KeyCache:
     return KeyCache(service, ttl_s=5.0, negative_ttl_s=1.0, clock=clock)
 
 
 async def test_a_known_key_is_read_once_per_ttl(
-    cache: KeyCache, service: CountingService, clock: Clock
+    cache: KeyCache, service: CountingService, clock: FakeClock
 ) -> None:
     plaintext, record = await service.create("a")
     for _ in range(5):
@@ -87,7 +80,7 @@ async def test_a_change_in_this_process_takes_effect_at_once(
 
 
 async def test_a_revocation_on_another_replica_takes_effect_within_the_ttl(
-    cache: KeyCache, service: CountingService, other_replica: KeyService, clock: Clock
+    cache: KeyCache, service: CountingService, other_replica: KeyService, clock: FakeClock
 ) -> None:
     plaintext, record = await service.create("a")
     assert await cache.authenticate(plaintext) is not None
@@ -120,7 +113,7 @@ async def test_explicit_invalidation_and_clear(
 
 
 async def test_unknown_keys_are_remembered_for_one_second(
-    cache: KeyCache, service: CountingService, other_replica: KeyService, clock: Clock
+    cache: KeyCache, service: CountingService, other_replica: KeyService, clock: FakeClock
 ) -> None:
     garbage = KEY_PREFIX + "x" * 43
     for _ in range(100):
@@ -147,7 +140,7 @@ async def test_a_key_created_on_another_replica_works_here_at_once(
 
 
 async def test_size_is_bounded_and_garbage_cannot_evict_real_keys(
-    service: CountingService, clock: Clock
+    service: CountingService, clock: FakeClock
 ) -> None:
     cache = KeyCache(service, max_entries=2, max_negative=3, clock=clock)
     plains = [(await service.create(f"k{i}"))[0] for i in range(3)]

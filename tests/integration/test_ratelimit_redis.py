@@ -12,16 +12,9 @@ from redis.asyncio import Redis
 
 from tests.fakes.base import free_port
 from tests.integration.conftest_redis import REDIS_URL, connect_or_skip, delete_prefix, unique_prefix
+from tests.support import FakeClock
 from tokyo_ia.errors import RateLimitError
 from tokyo_ia.resilience import Decision, Limits, MemoryRateLimiter, RedisRateLimiter
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture

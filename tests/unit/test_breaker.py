@@ -6,6 +6,7 @@ import logging
 
 import pytest
 
+from tests.support import FakeClock
 from tokyo_ia.errors import (
     InvalidRequestError,
     UpstreamBadRequestError,
@@ -22,18 +23,6 @@ from tokyo_ia.resilience.breaker import (
     counts_as_failure,
     failure_kind,
 )
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
 
 SETTINGS = BreakerSettings(
     window_s=30, min_requests=4, failure_ratio=0.5, consecutive_failures=3, cooldown_s=15, half_open_max=2

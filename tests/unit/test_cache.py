@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import FakeClock
 from tokyo_ia.cache import (
     COMPRESS_OVER,
     Cache,
@@ -74,14 +75,6 @@ def _entry(text: str = "Hello!", total: int = 7) -> CachedEntry:
     entry = CachedEntry.of(response, provider="openai", model="gpt-4o-mini-2024-07-18")
     entry.created_at = 1_700_000_000.5  # fixed, so every entry of the same text has the same size
     return entry
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -256,7 +249,7 @@ async def test_memory_hits_are_copies() -> None:
 
 
 async def test_memory_ttl_expiry_with_an_injected_clock() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     cache = MemoryCache(1 << 20, clock=clock)
     await cache.set("short", _entry(), ttl_s=5)
     await cache.set("long", _entry(), ttl_s=50)
@@ -286,7 +279,7 @@ async def test_memory_lru_evicts_the_least_recently_used() -> None:
 
 
 async def test_memory_expired_entries_leave_first_and_count_as_expirations() -> None:
-    clock = Clock()
+    clock = FakeClock(100.0)
     size = len(encode_entry(_entry())) + 1
     cache = MemoryCache(size * 2, clock=clock)
     await cache.set("a", _entry(), ttl_s=1)

@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import pytest
 
+from tests.support import FakeClock
 from tokyo_ia.config import ProviderConfig
 from tokyo_ia.errors import UpstreamBadRequestError, UpstreamError, UpstreamTimeoutError
 from tokyo_ia.providers.base import JSON, ChatCall, CheckResult, Provider
@@ -21,17 +22,6 @@ from tokyo_ia.resilience.health import (
     HealthStats,
 )
 from tokyo_ia.routing.catalog import Deployment
-
-
-class FakeClock:
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class ScriptedProvider(Provider):

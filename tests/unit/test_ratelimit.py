@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from tests.support import FakeClock
 from tokyo_ia.errors import RateLimitError, UpstreamRateLimitError
 from tokyo_ia.resilience import (
     Decision,
@@ -19,22 +20,6 @@ from tokyo_ia.resilience import (
     headers,
     rate_limit_error,
 )
-
-
-class FakeClock:
-    """Time that moves only when the test says so."""
-
-    def __init__(self, start: float = 1000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-    async def sleep(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from tests.support import FakeClock
 from tokyo_ia.errors import ConfigError
 from tokyo_ia.security.secrets import (
     CachedBackend,
@@ -48,14 +49,6 @@ class Scripted:
 
     def refresh(self) -> None:
         self.refreshes += 1
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- env ------------------------------------------------------------------------------
@@ -159,7 +152,7 @@ def test_chain_needs_a_backend_and_refreshes_them_all() -> None:
 
 
 def test_cache_reads_once_within_the_ttl_then_again() -> None:
-    inner, clock = Scripted({"k": "v1"}), Clock()
+    inner, clock = Scripted({"k": "v1"}), FakeClock()
     cache = CachedBackend(inner, ttl_s=300, clock=clock)
     assert cache.get("k") == "v1"
     inner.values["k"] = "v2"
@@ -172,7 +165,7 @@ def test_cache_reads_once_within_the_ttl_then_again() -> None:
 
 
 def test_cache_without_ttl_keeps_values_until_refresh() -> None:
-    inner, clock = Scripted({"k": "v1", "other": "o"}), Clock()
+    inner, clock = Scripted({"k": "v1", "other": "o"}), FakeClock()
     cache = CachedBackend(inner, ttl_s=0, clock=clock)
     assert cache.get("k") == "v1"
     inner.values["k"] = "rotated"
@@ -185,7 +178,7 @@ def test_cache_without_ttl_keeps_values_until_refresh() -> None:
 
 
 def test_cache_keeps_the_old_value_when_a_reread_fails(caplog: pytest.LogCaptureFixture) -> None:
-    inner, clock = Scripted({"k": VALUE}), Clock()
+    inner, clock = Scripted({"k": VALUE}), FakeClock()
     cache = CachedBackend(inner, ttl_s=1, clock=clock)
     assert cache.get("k") == VALUE
     inner.fail = ConfigError("secret 'k' (vault secrets backend): Vault at x is sealed; unseal it")
