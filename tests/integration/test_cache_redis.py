@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import sys
 from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
 from tests.fakes.base import free_port
-from tests.integration.conftest_redis import REDIS_URL, connect_or_skip, delete_prefix, unique_prefix
+from tests.integration.conftest_redis import (
+    REDIS_URL,
+    connect_or_skip,
+    delete_prefix,
+    run_replicas,
+    unique_prefix,
+)
 from tokyo_ia.cache import CachedEntry, RedisCache, RedisCoalescer
 from tokyo_ia.errors import UpstreamError
 
@@ -260,33 +265,7 @@ asyncio.run(main(sys.argv[1], sys.argv[2]))
 
 
 async def test_two_processes_make_exactly_one_upstream_call(redis_client: Redis, prefix: str) -> None:
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _REPLICA,
-            REDIS_URL,
-            prefix,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        for _ in range(2)
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout is not None
-            assert await asyncio.wait_for(proc.stdout.readline(), 15) == b"ready\n"
-        for proc in procs:  # release both at once
-            assert proc.stdin is not None
-            proc.stdin.write(b"go\n")
-            await proc.stdin.drain()
-        outputs = [await asyncio.wait_for(proc.communicate(), 15) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    assert all(proc.returncode == 0 for proc in procs)
-    lines = sorted(out.decode().split() for out, _ in outputs)
+    outputs = await run_replicas(_REPLICA, REDIS_URL, prefix, step_timeout_s=15)
+    lines = sorted(out.decode().split() for out in outputs)
     assert lines == [["5", "0", "5"], ["5", "1", "4"]]  # one process led once; every other request waited
     assert await redis_client.get(prefix + "upstream-calls") == b"1"

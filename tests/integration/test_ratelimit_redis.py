@@ -11,7 +11,13 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.fakes.base import free_port
-from tests.integration.conftest_redis import REDIS_URL, connect_or_skip, delete_prefix, unique_prefix
+from tests.integration.conftest_redis import (
+    REDIS_URL,
+    connect_or_skip,
+    delete_prefix,
+    run_replicas,
+    unique_prefix,
+)
 from tests.support import FakeClock
 from tokyo_ia.errors import RateLimitError
 from tokyo_ia.resilience import Decision, Limits, MemoryRateLimiter, RedisRateLimiter
@@ -192,33 +198,8 @@ asyncio.run(main())
 
 async def test_two_processes_share_one_limit(limiter: RedisRateLimiter, prefix: str) -> None:
     """rpm=10, two OS processes fire 10 requests each at the same moment: exactly 10 pass."""
-    procs = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-c",
-            _FIRE_TEN,
-            REDIS_URL,
-            prefix,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-        )
-        for _ in range(2)
-    ]
-    try:
-        for proc in procs:
-            assert proc.stdout is not None
-            assert await asyncio.wait_for(proc.stdout.readline(), 10) == b"ready\n"
-        for proc in procs:  # release both at once
-            assert proc.stdin is not None
-            proc.stdin.write(b"go\n")
-            await proc.stdin.drain()
-        outputs = [await asyncio.wait_for(proc.communicate(), 10) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    allowed = [int(out.split()[0]) for out, _ in outputs]
+    outputs = await run_replicas(_FIRE_TEN, REDIS_URL, prefix, step_timeout_s=10)
+    allowed = [int(out.split()[0]) for out in outputs]
     print(f"two processes, rpm=10, 10 requests each: allowed per process {allowed}, total {sum(allowed)}")
     assert sum(allowed) == 10
     assert not (await limiter.acquire("key:shared", Limits(rpm=10))).allowed
