@@ -12,7 +12,7 @@ import contextlib
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from aiohttp import web
 
@@ -93,7 +93,7 @@ class Emulator:
         loop.run_until_complete(self._runner.cleanup())
         loop.close()
 
-    def start(self) -> Emulator:
+    def start(self) -> Self:
         self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
@@ -105,7 +105,7 @@ class Emulator:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
-    def __enter__(self) -> Emulator:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

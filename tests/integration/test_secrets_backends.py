@@ -37,12 +37,8 @@ VALUE = "sk-integration-secret-9876"
 
 @pytest.fixture(scope="module")
 def vault_server() -> Iterator[VaultEmulator]:
-    emu = VaultEmulator()
-    emu.start()
-    try:
+    with VaultEmulator() as emu:
         yield emu
-    finally:
-        emu.stop()
 
 
 @pytest.fixture

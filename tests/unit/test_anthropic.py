@@ -41,12 +41,8 @@ WEATHER = {
 
 @pytest.fixture(scope="module")
 def emu() -> Iterator[AnthropicEmulator]:
-    emulator = AnthropicEmulator()
-    emulator.start()
-    try:
+    with AnthropicEmulator() as emulator:
         yield emulator
-    finally:
-        emulator.stop()
 
 
 def make_provider(url: str, **extra: Any) -> AnthropicProvider:

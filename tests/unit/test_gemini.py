@@ -43,12 +43,8 @@ TIME_TOOL = {"type": "function", "function": {"name": "get_time", "parameters": 
 
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[GeminiEmulator]:
-    emu = GeminiEmulator()
-    emu.start()
-    try:
+    with GeminiEmulator() as emu:
         yield emu
-    finally:
-        emu.stop()
 
 
 @pytest.fixture
