@@ -9,6 +9,10 @@ Imported only when ``redis.url`` is set, so a gateway without Redis never loads 
 
 from __future__ import annotations
 
+import logging
+import math
+import time
+from collections.abc import Callable
 from typing import Any
 
 from redis.asyncio import Redis
@@ -25,3 +29,42 @@ def connect(url: str, **overrides: Any) -> Redis:
         **overrides,
     }
     return Redis.from_url(url, **options)
+
+
+class Outage:
+    """What a component does while Redis is away: skip it for a cool-down, warn sparingly.
+
+    After a failure the component stops trying Redis for ``cooldown_s`` (each request would
+    otherwise wait out a timeout) and serves its degraded mode; the warning is logged at most
+    every ``warn_every_s`` so an outage does not flood the logs.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        cooldown_s: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        warn_every_s: float = 30.0,
+    ) -> None:
+        self.logger = logger
+        self.cooldown_s = cooldown_s
+        self.warn_every_s = warn_every_s
+        self._clock = clock
+        self._until = -math.inf
+        self._last_warning = -math.inf
+
+    @property
+    def available(self) -> bool:
+        return self._clock() >= self._until
+
+    def failed(self, message: str, exc: BaseException) -> None:
+        """Start (or extend) the cool-down and warn: ``message`` says what serving degrades to."""
+        self._until = self._clock() + self.cooldown_s
+        self.warn(f"{message}: {exc}")
+
+    def warn(self, message: str) -> None:
+        now = self._clock()
+        if now - self._last_warning >= self.warn_every_s:
+            self._last_warning = now
+            self.logger.warning("%s", message)

@@ -33,7 +33,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..redis_client import connect
+from ..redis_client import Outage, connect
 from .base import COMPRESS_OVER, JSON, CachedEntry, CacheStats, decode_entry, encode_entry
 from .coalesce import Coalescer
 
@@ -57,14 +57,12 @@ class RedisCache:
         self.key_prefix = key_prefix
         self.compress_over = compress_over
         self.flush_interval_s = flush_interval_s
-        self._cooldown_s = cooldown_s
         self._owns_client = owns_client
         self._stats = CacheStats(backend="redis")
         self._pending: Counter[str] = Counter()
         self._last_flush = time.monotonic()
         self._flushing: asyncio.Task[None] | None = None
-        self._down_until = -1e9
-        self._last_warning = -1e9
+        self._outage = Outage(log, cooldown_s)
 
     @classmethod
     def from_url(
@@ -76,7 +74,7 @@ class RedisCache:
     @property
     def available(self) -> bool:
         """False while cooling down after a Redis failure (every lookup is then a miss)."""
-        return time.monotonic() >= self._down_until
+        return self._outage.available
 
     def entry_key(self, key: str) -> str:
         return f"{self.key_prefix}e:{key}"
@@ -115,7 +113,7 @@ class RedisCache:
             return decode_entry(data if isinstance(data, bytes) else data.encode())
         except ValueError as exc:
             self._stats.errors += 1
-            self._warn(f"unreadable cache entry ignored: {exc}")
+            self._outage.warn(f"redis cache: unreadable cache entry ignored: {exc}")
             return None
 
     async def set(self, key: str, entry: CachedEntry, ttl_s: float) -> None:
@@ -186,15 +184,8 @@ class RedisCache:
 
     def failed(self, exc: BaseException) -> None:
         """Record a Redis failure: cool down, count it, warn (rate limited)."""
-        self._down_until = time.monotonic() + self._cooldown_s
         self._stats.errors += 1
-        self._warn(f"Redis unavailable, serving without the shared cache: {exc}")
-
-    def _warn(self, message: str) -> None:
-        now = time.monotonic()
-        if now - self._last_warning >= 30.0:
-            self._last_warning = now
-            log.warning("redis cache: %s", message)
+        self._outage.failed("redis cache: Redis unavailable, serving without the shared cache", exc)
 
     def _count(self, name: str, amount: int = 1) -> None:
         if amount:

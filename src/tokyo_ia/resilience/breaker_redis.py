@@ -42,7 +42,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..redis_client import connect
+from ..redis_client import Outage, connect
 from .breaker import (
     JSON,
     BreakerBoard,
@@ -185,7 +185,6 @@ return {allowed, state, before, tostring(left), f['reason'] or '', tonumber(f['c
 """
 
 _TTL_FLOOR_S = 600.0
-_WARN_EVERY_S = 30.0
 
 
 @dataclass(slots=True)
@@ -240,9 +239,7 @@ class RedisBreakerBoard:
         self._trials: dict[str, deque[str]] = {}
         self._refreshing: set[str] = set()
         self._fallback = BreakerBoard(self.settings, clock=self._local, listeners=listeners)
-        self._retry_after_s = retry_after_s
-        self._down_until = -1e18
-        self._last_warning = -1e18
+        self._outage = Outage(log, retry_after_s, clock=self._local)
         self._owns_client = owns_client
         s = self.settings
         ttl_s = max(_TTL_FLOOR_S, 2 * (s.window_s + s.cooldown_s + s.trial_timeout_s))
@@ -268,7 +265,7 @@ class RedisBreakerBoard:
     @property
     def available(self) -> bool:
         """False while leaving Redis alone after a failure (the in-memory fallback answers)."""
-        return self._local() >= self._down_until
+        return self._outage.available
 
     def key(self, label: str) -> str:
         return f"{self.key_prefix}{{{label}}}"
@@ -413,11 +410,7 @@ class RedisBreakerBoard:
         return reply
 
     def _failed(self, exc: BaseException) -> None:
-        now = self._local()
-        self._down_until = now + self._retry_after_s
-        if now - self._last_warning >= _WARN_EVERY_S:
-            self._last_warning = now
-            log.warning("circuit breakers: Redis unavailable, using per-replica breakers: %s", exc)
+        self._outage.failed("circuit breakers: Redis unavailable, using per-replica breakers", exc)
 
 
 def _text(value: Any) -> str:

@@ -34,7 +34,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..redis_client import connect
+from ..redis_client import Outage, connect
 from .ratelimit import (
     MAX_DEBT_PERIODS,
     PERIOD_S,
@@ -165,9 +165,7 @@ class RedisRateLimiter:
         self._slot = client.register_script(_SLOT_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self._background: set[asyncio.Task[None]] = set()
-        self._last_warning = -1e9
-        self._cooldown_s = cooldown_s
-        self._down_until = -1e9
+        self._outage = Outage(log, cooldown_s)
 
     @classmethod
     def from_url(
@@ -179,7 +177,7 @@ class RedisRateLimiter:
     @property
     def available(self) -> bool:
         """False while cooling down after a Redis failure (requests are then admitted)."""
-        return time.monotonic() >= self._down_until
+        return self._outage.available
 
     def key(self, scope: str) -> str:
         return f"{self.key_prefix}{{{scope}}}"
@@ -231,11 +229,7 @@ class RedisRateLimiter:
             await self.client.aclose()
 
     def _failed(self, exc: BaseException) -> None:
-        now = time.monotonic()
-        self._down_until = now + self._cooldown_s
-        if now - self._last_warning >= 30.0:
-            self._last_warning = now
-            log.warning("rate limiter: Redis unavailable, admitting requests unlimited: %s", exc)
+        self._outage.failed("rate limiter: Redis unavailable, admitting requests unlimited", exc)
 
 
 class _RedisSlot:
