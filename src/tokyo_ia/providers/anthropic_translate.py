@@ -43,9 +43,9 @@ from typing import Any
 import orjson
 
 from ..errors import InvalidRequestError, UnsupportedError, UpstreamError
+from ..schema.content import parse_data_url
+from .base import JSON
 from .http import error_for_status
-
-JSON = dict[str, Any]
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -209,11 +209,9 @@ def _source(url: str, where: str) -> JSON:
     """A base64 source from a ``data:`` URL, or a url source from an http(s) URL."""
     if url.startswith(("http://", "https://")):
         return {"type": "url", "url": url}
-    if url.startswith("data:"):
-        header, sep, data = url[5:].partition(",")
-        media_type, *params = header.split(";")
-        if sep and "base64" in params and media_type:
-            return {"type": "base64", "media_type": media_type, "data": data}
+    data = parse_data_url(url)
+    if data is not None and "," in url and data.base64 and data.media_type:
+        return {"type": "base64", "media_type": data.media_type, "data": data.payload}
     raise InvalidRequestError(
         f"{where} must be an http(s) URL or a base64 data URL (data:image/png;base64,...)", param=where
     )

@@ -41,8 +41,8 @@ from typing import Any
 import orjson
 
 from ..errors import InvalidRequestError, UnsupportedError
-
-JSON = dict[str, Any]
+from ..schema.content import parse_data_url
+from .base import JSON
 
 FINISH_REASONS = {
     "STOP": "stop",
@@ -191,14 +191,12 @@ def _user_part(part: Any, i: int) -> JSON:
 
 def media_part(url: str, *, default_mime: str) -> JSON:
     """``inlineData`` for a ``data:`` URL, ``fileData`` (with a guessed MIME type) otherwise."""
-    if url.startswith("data:"):
-        header, _, payload = url[5:].partition(",")
-        mime, _, params = header.partition(";")
-        if "base64" in params.split(";"):
-            data = payload
-        else:
-            data = base64.b64encode(urllib.parse.unquote_to_bytes(payload)).decode()
-        return {"inlineData": {"mimeType": mime or "text/plain", "data": data}}
+    inline = parse_data_url(url)
+    if inline is not None:
+        data = inline.payload
+        if not inline.base64:
+            data = base64.b64encode(urllib.parse.unquote_to_bytes(data)).decode()
+        return {"inlineData": {"mimeType": inline.media_type or "text/plain", "data": data}}
     guessed = mimetypes.guess_type(urllib.parse.urlsplit(url).path)[0]
     return {"fileData": {"mimeType": guessed or default_mime, "fileUri": url}}
 
