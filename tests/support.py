@@ -108,3 +108,26 @@ class FakeClock:
 
     async def sleep(self, seconds: float) -> None:
         self.now += seconds
+
+
+_OPEN_CLIENTS: list[Any] = []
+
+
+def sdk_client(gateway_url: str, key: str = "unused", **options: Any) -> Any:
+    """The official openai SDK pointed at a gateway (no retries: tests see every error).
+
+    Clients are closed after each e2e test (tests/e2e/conftest.py), so no socket is left for
+    the garbage collector to report.
+    """
+    import openai
+
+    client = openai.OpenAI(
+        base_url=gateway_url + "/v1", api_key=key, **{"max_retries": 0, "timeout": 10, **options}
+    )
+    _OPEN_CLIENTS.append(client)
+    return client
+
+
+def close_sdk_clients() -> None:
+    while _OPEN_CLIENTS:
+        _OPEN_CLIENTS.pop().close()

@@ -5,7 +5,13 @@ from collections.abc import Iterator
 import pytest
 
 from tests.fakes.openai import OpenAIEmulator
-from tests.support import GatewayProcess, openai_provider
+from tests.support import GatewayProcess, close_sdk_clients, openai_provider
+
+
+@pytest.fixture(autouse=True)
+def _close_sdk_clients() -> Iterator[None]:
+    yield
+    close_sdk_clients()
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import openai
-
-from tests.support import GatewayProcess
+from tests.support import GatewayProcess, sdk_client
 
 
 def test_embedded_default_banner_and_demo_model() -> None:
     with GatewayProcess() as gw:
-        c = openai.OpenAI(base_url=gw.url + "/v1", api_key="anything", max_retries=0)
+        c = sdk_client(gw.url, "anything")
         reply = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hello"}])
         assert reply.choices[0].message.content is not None
         assert "Hello" in reply.choices[0].message.content

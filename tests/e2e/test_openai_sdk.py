@@ -10,13 +10,14 @@ import openai
 import pytest
 
 from tests.fakes.openai import OpenAIEmulator
-from tests.support import GatewayProcess
+from tests.support import GatewayProcess, sdk_client
 
 USER = [{"role": "user", "content": "hello gateway"}]
 
 
 def client(gw: GatewayProcess, key: str = "unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=10)
+    client: openai.OpenAI = sdk_client(gw.url, key)
+    return client
 
 
 def test_chat(emu_gateway: GatewayProcess) -> None:

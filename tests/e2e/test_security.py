@@ -13,7 +13,7 @@ import openai
 import pytest
 import redis
 
-from tests.support import GatewayProcess
+from tests.support import GatewayProcess, sdk_client
 
 MASTER = "master-" + uuid.uuid4().hex
 APP_KEY = "app-" + uuid.uuid4().hex
@@ -43,7 +43,8 @@ def gw() -> Iterator[GatewayProcess]:
 
 
 def sdk(gw: GatewayProcess, key: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    client: openai.OpenAI = sdk_client(gw.url, key)
+    return client
 
 
 def test_missing_unknown_and_valid_keys(gw: GatewayProcess) -> None:

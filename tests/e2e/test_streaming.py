@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.fakes.openai import OpenAIEmulator
-from tests.support import GatewayProcess
+from tests.support import GatewayProcess, sdk_client
 
 USER = [{"role": "user", "content": "hello"}]
 
@@ -34,7 +34,7 @@ def test_client_disconnect_cancels_the_upstream_stream(
 
 
 def test_upstream_drop_ends_the_stream_with_an_error_event(emu_gateway: GatewayProcess) -> None:
-    c = openai.OpenAI(base_url=emu_gateway.url + "/v1", api_key="x", max_retries=0, timeout=10)
+    c = sdk_client(emu_gateway.url)
     received: list[str] = []
     with pytest.raises(openai.APIError) as info:
         for chunk in c.chat.completions.create(model="drop", messages=USER, stream=True):  # type: ignore[arg-type]

@@ -23,6 +23,7 @@ from ..errors import InvalidRequestError, NotFoundError, RequestTooLargeError
 from ..gateway import Gateway
 from ..pipeline import ChatStream, RequestContext
 from ..security.audit import client_ip
+from .admin import PREFIX as ADMIN_KEYS_PREFIX
 from .admin import AdminRoutes, require_admin
 from .cors import Cors
 from .errors import render_error, stream_error_event
@@ -218,6 +219,8 @@ class GatewayApp:
             "/admin/health": {"GET": self.admin_health},
             "/metrics": {"GET": self.metrics},
         }
+        # Routes that own every path below them (any method): they dispatch further themselves.
+        self.subtrees: list[tuple[str, Handler]] = [(ADMIN_KEYS_PREFIX, self.admin_keys)]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -245,11 +248,7 @@ class GatewayApp:
                 return
             extra = [*extra, *self.cors.headers(origin)]
         try:
-            if path.startswith("/admin/") and AdminRoutes.handles(path):
-                await self.pipeline.authenticate(ctx)
-                reply = await self.admin.dispatch(scope["method"], path, request, ctx)
-            else:
-                reply = await self._resolve(path, scope["method"])(request, ctx)
+            reply = await self._resolve(path, scope["method"])(request, ctx)
         except ClientDisconnected:
             return
         except Exception as exc:  # noqa: BLE001 - mapped to an error response in one place
@@ -287,6 +286,9 @@ class GatewayApp:
     def _resolve(self, path: str, method: str) -> Handler:
         methods = self.routes.get(path.rstrip("/") or "/")
         if methods is None:
+            for prefix, owner in self.subtrees:
+                if path == prefix or path.startswith(prefix + "/"):
+                    return owner
             raise NotFoundError(
                 f"no route {path}; the API lives under /v1 (for example POST /v1/chat/completions)",
                 code="unknown_route",
@@ -329,6 +331,10 @@ class GatewayApp:
 
     async def models(self, request: Request, ctx: RequestContext) -> Reply:
         return 200, await self.pipeline.list_models(ctx)
+
+    async def admin_keys(self, request: Request, ctx: RequestContext) -> Reply:
+        await self.pipeline.authenticate(ctx)
+        return await self.admin.dispatch(request.scope["method"], request.scope["path"], request, ctx)
 
     async def admin_health(self, request: Request, ctx: RequestContext) -> Reply:
         """Per deployment: circuit state, success ratio, latency percentiles, last check."""
