@@ -13,7 +13,7 @@ from typing import ClassVar
 import pytest
 from redis.asyncio import Redis
 
-from tests.integration.conftest_redis import REDIS_URL, connect_or_skip, delete_prefix, unique_prefix
+from tests.integration.conftest_redis import REDIS_URL, delete_prefix, unique_prefix
 from tests.support import FakeClock
 from tokyo_ia.config import ProviderConfig
 from tokyo_ia.errors import UpstreamBadRequestError, UpstreamTimeoutError
@@ -46,10 +46,8 @@ class CountingProvider(Provider):
 
 
 @pytest.fixture
-async def redis() -> AsyncIterator[Redis]:
-    client = await connect_or_skip()
-    yield client
-    await client.aclose()
+def redis(redis_client: Redis) -> Redis:
+    return redis_client
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from redis.asyncio import Redis
 from tests.fakes.base import free_port
 from tests.integration.conftest_redis import (
     REDIS_URL,
-    connect_or_skip,
     delete_prefix,
     run_replicas,
     unique_prefix,
@@ -33,13 +32,6 @@ def _entry(text: str = "Hello!", total: int = 9) -> CachedEntry:
         "usage": {"prompt_tokens": 1, "completion_tokens": total - 1, "total_tokens": total},
     }
     return CachedEntry.of(response, provider="demo", model="m")
-
-
-@pytest.fixture
-async def redis_client() -> AsyncIterator[Redis]:
-    client = await connect_or_skip()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture

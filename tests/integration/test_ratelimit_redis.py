@@ -13,7 +13,6 @@ from redis.asyncio import Redis
 from tests.fakes.base import free_port
 from tests.integration.conftest_redis import (
     REDIS_URL,
-    connect_or_skip,
     delete_prefix,
     run_replicas,
     unique_prefix,
@@ -21,13 +20,6 @@ from tests.integration.conftest_redis import (
 from tests.support import FakeClock
 from tokyo_ia.errors import RateLimitError
 from tokyo_ia.resilience import Decision, Limits, MemoryRateLimiter, RedisRateLimiter
-
-
-@pytest.fixture
-async def redis_client() -> AsyncIterator[Redis]:
-    client = await connect_or_skip()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
