@@ -90,6 +90,9 @@ class CacheConfig(_Strict):
     ttl_s: float = Field(3600, gt=0)
     max_bytes: int = Field(268435456, gt=0)
     coalesce: bool = True
+    per_key: bool = Field(
+        False, description="every key gets its own entries (else keys allowed the same model share them)"
+    )
 
 
 class StaticKeyConfig(_Strict):

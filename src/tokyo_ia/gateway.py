@@ -11,6 +11,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from .accounting.pricing import PriceTable
+from .cache.layer import ResponseCache
 from .config import Config
 from .observability.metrics import Metrics
 from .pipeline import Pipeline
@@ -74,6 +75,8 @@ class Gateway:
             config.resilience.health,
         )
         self.checker: ActiveHealthChecker | None = None
+        prices = PriceTable.load(config.prices)
+        self.cache = self._response_cache(config, prices)
         self.pipeline = Pipeline(
             self.authenticator,
             self.catalog,
@@ -94,8 +97,9 @@ class Gateway:
             throttle_wait_s={name: p.throttle_wait_s for name, p in config.providers.items()},
             health=self.health,
             audit=self.audit,
-            prices=PriceTable.load(config.prices),
+            prices=prices,
             metrics=self.metrics,
+            cache=self.cache,
         )
         self.ready = False
 
@@ -129,6 +133,20 @@ class Gateway:
             RedisProbeLease(self.redis),
         )
 
+    def _response_cache(self, config: Config, prices: PriceTable) -> ResponseCache | None:
+        """The response cache: in this process, or in Redis on the shared client."""
+        c = config.cache
+        if c is None:
+            return None
+        from .cache import build_cache, build_coalescer
+
+        backend = build_cache(c, self.redis)
+        assert backend is not None
+        coalescer = build_coalescer(c, backend)
+        return ResponseCache(
+            backend, coalescer, ttl_s=c.ttl_s, per_key=c.per_key, prices=prices, metrics=self.metrics
+        )
+
     async def close(self) -> None:
         self.ready = False
         if self.checker is not None:
@@ -139,6 +157,8 @@ class Gateway:
                 log.warning("closing provider %s failed: %s", provider.name, result)
         if self.audit is not None:
             await self.audit.close()  # drains every queued record before the pool closes
+        if self.cache is not None:
+            await self.cache.close()  # flushes the shared counters (the client is closed below)
         self.metrics.close()
         await self.breakers.close()  # flushes successes not yet counted in Redis
         await self.limiter.close()

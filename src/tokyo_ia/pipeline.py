@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from .accounting.pricing import PriceTable
+from .cache.keys import CacheControl, HeaderMap
+from .cache.layer import ResponseCache
 from .errors import (
     GatewayError,
     NoHealthyDeploymentError,
@@ -30,6 +32,7 @@ from .errors import (
 from .observability.logging import access_log
 from .observability.metrics import Metrics
 from .providers.base import JSON, ChatCall, EmbedCall
+from .providers.base import aclose as _aclose
 from .resilience.admission import Admission, Admitted
 from .resilience.health import HealthMonitor
 from .resilience.ratelimit import ProviderThrottle
@@ -60,6 +63,9 @@ class RequestContext:
     model: str | None = None
     client_ip: str | None = None
     cost_usd: float | None = None
+    cache: str | None = None
+    cache_control: CacheControl | None = None
+    """``hit``, ``miss`` or ``coalesced`` when the response cache was consulted, else None."""
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.request_id.encode())]
@@ -70,6 +76,8 @@ class RequestContext:
             headers.append((b"x-tokyo-ia-attempts", str(self.attempts).encode()))
         if self.cost_usd is not None:
             headers.append((b"x-tokyo-ia-cost-usd", b"%.8f" % self.cost_usd))
+        if self.cache is not None:
+            headers.append((b"x-tokyo-ia-cache", self.cache.encode()))
         if self.admitted is not None and self.admitted.decision is not None:
             headers.extend(ratelimit_headers(self.admitted.decision))
         return headers
@@ -84,6 +92,8 @@ class ChatStream:
     include_usage: bool
     ctx: RequestContext
     finish: Callable[[RequestContext], Awaitable[None]]
+    charge: bool = True
+    """False when somebody else pays for these chunks (a cache hit, a coalesced reader)."""
 
     async def chunks(self) -> AsyncGenerator[JSON, None]:
         """The chunks for the client: usage kept for accounting, shown only if asked for."""
@@ -91,7 +101,7 @@ class ChatStream:
             chunk: JSON | None = self.first
             while chunk is not None:
                 if "usage" in chunk:
-                    if chunk["usage"] is not None:
+                    if chunk["usage"] is not None and self.charge:
                         self.ctx.usage = chunk["usage"]
                     if not self.include_usage:
                         if not chunk.get("choices"):
@@ -105,12 +115,6 @@ class ChatStream:
                 await _aclose(self.rest)
             finally:
                 await self.finish(self.ctx)
-
-
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    close = getattr(iterator, "aclose", None)
-    if close is not None:
-        await close()
 
 
 class Pipeline:
@@ -127,8 +131,10 @@ class Pipeline:
         audit: AuditWriter | None = None,
         prices: PriceTable | None = None,
         metrics: Metrics | None = None,
+        cache: ResponseCache | None = None,
         deadline_s: float = 600.0,
     ) -> None:
+        self.cache = cache
         self.prices = prices or PriceTable.load()
         self.metrics = metrics
         self.health = health
@@ -217,10 +223,19 @@ class Pipeline:
         ]
         return {"object": "list", "data": data}
 
-    async def prepare_chat(self, ctx: RequestContext, body: Any) -> JSON:
-        """Authenticate and validate; the HTTP layer then picks chat or chat_stream."""
+    async def prepare_chat(self, ctx: RequestContext, body: Any, headers: HeaderMap | None = None) -> JSON:
+        """Authenticate and validate; the HTTP layer then picks chat or chat_stream.
+
+        The ``cache`` control field is read here (a bad value is a 400 before anything is
+        spent) and removed: it is ours, upstreams would reject it.
+        """
         await self.authenticate(ctx)
-        return validate_chat(body)
+        chat = validate_chat(body)
+        if self.cache is not None:
+            ctx.cache_control = self.cache.control(chat, headers)
+        if "cache" in chat:
+            chat = {name: value for name, value in chat.items() if name != "cache"}
+        return chat
 
     async def _admit(self, ctx: RequestContext, body: JSON) -> list[Deployment]:
         """Authorize the model, count the request against its limits, list the candidates."""
@@ -249,16 +264,27 @@ class Pipeline:
 
     async def chat(self, ctx: RequestContext, body: JSON) -> JSON:
         """A complete answer for a request that went through :meth:`prepare_chat`."""
-        return await self._answer(ctx, body, lambda d: d.provider.chat(self._chat_call(ctx, body, d)))
+        return await self._answer(
+            ctx, body, lambda d: d.provider.chat(self._chat_call(ctx, body, d)), cached=self.cache
+        )
 
     async def _answer(
-        self, ctx: RequestContext, body: JSON, attempt: Callable[[Deployment], Awaitable[JSON]]
+        self,
+        ctx: RequestContext,
+        body: JSON,
+        attempt: Callable[[Deployment], Awaitable[JSON]],
+        cached: ResponseCache | None = None,
     ) -> JSON:
-        """Admit, call with failover, then release the admission and price the usage."""
+        """Admit, answer (from ``cached`` or with failover), release the admission, price."""
         candidates = await self._admit(ctx, body)
         try:
-            response = await self._failover(ctx, candidates, attempt)
-            ctx.usage = response.get("usage")
+            if cached is not None:
+                response = await cached.complete(
+                    ctx, body, candidates, lambda: self._failover(ctx, candidates, attempt)
+                )
+            else:
+                response = await self._failover(ctx, candidates, attempt)
+                ctx.usage = response.get("usage")
         finally:
             await self._finish(ctx)
         return response
@@ -283,12 +309,18 @@ class Pipeline:
             return first, stream
 
         candidates = await self._admit(ctx, body)
+        charge = True
         try:
-            first, rest = await self._failover(ctx, candidates, attempt)
+            if self.cache is not None:
+                first, rest, charge = await self.cache.stream(
+                    ctx, body, candidates, lambda: self._failover(ctx, candidates, attempt)
+                )
+            else:
+                first, rest = await self._failover(ctx, candidates, attempt)
         except BaseException:
             await self._finish(ctx)
             raise
-        return ChatStream(first, rest, wants_usage(body), ctx, self._finish)
+        return ChatStream(first, rest, wants_usage(body), ctx, self._finish, charge)
 
     async def embeddings(self, ctx: RequestContext, raw: Any) -> JSON:
         await self.authenticate(ctx)

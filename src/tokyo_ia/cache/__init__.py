@@ -23,6 +23,8 @@ from .keys import IGNORED_FIELDS, CacheControl, cache_control, cache_key, strip_
 from .memory import MemoryCache
 
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
     from .redis import RedisCache, RedisCoalescer
 
 __all__ = [
@@ -48,20 +50,21 @@ __all__ = [
 ]
 
 
-def build_cache(config: CacheConfig | None, redis_url: str | None) -> Cache | None:
-    """The cache the config asks for; None when there is no ``cache`` section."""
+def build_cache(config: CacheConfig | None, redis: Redis | None) -> Cache | None:
+    """The cache the config asks for (Redis on the gateway's shared client); None without a
+    ``cache`` section."""
     if config is None:
         return None
     if config.backend == "memory":
         return MemoryCache(config.max_bytes)
-    if not redis_url:
+    if redis is None:
         raise ConfigError(
             "cache.backend is 'redis' but redis.url is not set; set redis.url "
             "(e.g. redis://127.0.0.1:6379/0) or use cache.backend: memory"
         )
     from .redis import RedisCache
 
-    return RedisCache.from_url(redis_url)
+    return RedisCache(redis)
 
 
 def build_coalescer(config: CacheConfig | None, cache: Cache | None) -> Coalescer | RedisCoalescer | None:

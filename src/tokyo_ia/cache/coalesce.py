@@ -41,6 +41,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from ..errors import UpstreamError
+from ..providers.base import aclose as _aclose
 from .base import JSON
 
 T = TypeVar("T")
@@ -287,8 +288,3 @@ class _Feed:
         wakeup, self._wakeup = self._wakeup, asyncio.Event()
         wakeup.set()
 
-
-async def _aclose(iterator: AsyncIterator[Any]) -> None:
-    close = getattr(iterator, "aclose", None)
-    if close is not None:
-        await close()

@@ -153,3 +153,10 @@ def completion_to_chunks(response: JSON) -> list[JSON]:
     if response.get("usage") is not None:
         chunks.append({**base, "choices": [], "usage": response["usage"]})
     return chunks
+
+
+async def aclose(iterator: AsyncIterator[Any]) -> None:
+    """Close an async iterator early if it can be closed (async generators can)."""
+    close = getattr(iterator, "aclose", None)
+    if close is not None:
+        await close()

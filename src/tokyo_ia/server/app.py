@@ -217,6 +217,7 @@ class GatewayApp:
             "/health/live": {"GET": self.live},
             "/health/ready": {"GET": self.ready},
             "/admin/health": {"GET": self.admin_health},
+            "/admin/cache": {"GET": self.admin_cache},
             "/metrics": {"GET": self.metrics},
         }
         # Routes that own every path below them (any method): they dispatch further themselves.
@@ -320,7 +321,7 @@ class GatewayApp:
 
     async def chat_completions(self, request: Request, ctx: RequestContext) -> Reply:
         ctx.propagate = _propagated(request)
-        body = await self.pipeline.prepare_chat(ctx, await request.json())
+        body = await self.pipeline.prepare_chat(ctx, await request.json(), request.headers)
         if body.get("stream"):
             return await self.pipeline.chat_stream(ctx, body)
         return 200, await self.pipeline.chat(ctx, body)
@@ -341,6 +342,15 @@ class GatewayApp:
         await self.pipeline.authenticate(ctx)
         require_admin(ctx)
         return 200, await self.gateway.health.snapshot()
+
+    async def admin_cache(self, request: Request, ctx: RequestContext) -> Reply:
+        """Hits, misses, coalesced requests, bytes, evictions, tokens and dollars saved."""
+        await self.pipeline.authenticate(ctx)
+        require_admin(ctx)
+        cache = self.gateway.cache
+        if cache is None:
+            return 200, {"enabled": False}
+        return 200, {"enabled": True, **(await cache.stats())}
 
     async def metrics(self, request: Request, ctx: RequestContext) -> Reply:
         """Prometheus exposition (no secrets, bounded labels)."""
