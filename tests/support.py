@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from tests.fakes.base import free_port
@@ -131,3 +132,19 @@ def sdk_client(gateway_url: str, key: str = "unused", **options: Any) -> Any:
 def close_sdk_clients() -> None:
     while _OPEN_CLIENTS:
         _OPEN_CLIENTS.pop().close()
+
+
+REDIS_URL = os.environ.get("TOKYO_IA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def require_redis() -> str:
+    """The test Redis URL; skip loudly when none answers (a failure with ``CI=true``)."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
+    except (redis.RedisError, OSError) as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"Redis not reachable at {REDIS_URL}: {exc} (CI=true)")
+        pytest.skip(f"!!! Redis not reachable at {REDIS_URL}: {exc}")
+    return REDIS_URL

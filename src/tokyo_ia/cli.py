@@ -150,11 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per stage")
     doctor.set_defaults(func=cmd_doctor)
 
+    from .cache.warm import add_commands as add_cache_commands
     from .security.audit_cli import add_commands as add_audit_commands
     from .store.cli import add_commands
 
     add_commands(sub)
     add_audit_commands(sub)
+    add_cache_commands(sub)
     return parser
 
 

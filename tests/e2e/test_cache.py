@@ -7,6 +7,10 @@ calls upstream, or coalesces by serving a different request's answer, fails here
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -51,7 +55,9 @@ def upstream_calls(emu: OpenAIEmulator) -> int:
     return sum(1 for r in emu.requests if r.path == "/v1/chat/completions")
 
 
-def ask(gw: GatewayProcess, content: str, headers: dict[str, str] | None = None, **extra: Any) -> httpx.Response:
+def ask(
+    gw: GatewayProcess, content: str, headers: dict[str, str] | None = None, **extra: Any
+) -> httpx.Response:
     body = {"model": "m", "messages": [{"role": "user", "content": content}], **extra}
     r = httpx.post(gw.url + "/v1/chat/completions", headers={**AUTH, **(headers or {})}, json=body)
     assert r.status_code == 200, r.text
@@ -124,7 +130,9 @@ def test_the_cache_field_is_validated_and_never_sent_upstream(
     assert sent and all("cache" not in body for body in sent)
 
 
-def test_streams_replay_from_the_cache_in_both_directions(gateway: GatewayProcess, emu: OpenAIEmulator) -> None:
+def test_streams_replay_from_the_cache_in_both_directions(
+    gateway: GatewayProcess, emu: OpenAIEmulator
+) -> None:
     client = sdk_client(gateway.url, MASTER)
     messages: Any = [{"role": "user", "content": "stream me"}]
     before = upstream_calls(emu)
@@ -168,7 +176,9 @@ async def _concurrent(gw: GatewayProcess, n: int, body: dict[str, Any], url: str
         return await asyncio.gather(*(one(i) for i in range(n)))
 
 
-def test_identical_concurrent_requests_share_one_upstream_call(gateway: GatewayProcess, emu: OpenAIEmulator) -> None:
+def test_identical_concurrent_requests_share_one_upstream_call(
+    gateway: GatewayProcess, emu: OpenAIEmulator
+) -> None:
     before = upstream_calls(emu)
     body = {"model": "slow", "messages": [{"role": "user", "content": "coalesce me"}]}
     results = asyncio.run(_concurrent(gateway, 8, body))
@@ -231,3 +241,51 @@ def test_per_key_isolation_and_memory_bound(emu: OpenAIEmulator) -> None:
             as_key(a, f"filler {i} " + "x" * 200)
         stats = httpx.get(gw.url + "/admin/cache", headers=AUTH).json()["backend"]
         assert stats["bytes"] <= 20_000 and stats["evictions"] > 0
+
+
+def test_cache_warm_fills_the_cache_of_a_running_gateway(
+    gateway: GatewayProcess, emu: OpenAIEmulator, tmp_path: Any
+) -> None:
+    lines = [
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": "warm 1"}]}),
+        json.dumps(
+            {
+                "custom_id": "a",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": "m", "messages": [{"role": "user", "content": "warm 2"}], "stream": True},
+            }
+        ),
+        "{not json",
+        json.dumps({"model": "nope", "messages": [{"role": "user", "content": "warm 3"}]}),
+        "",
+        json.dumps({"model": "m", "messages": [{"role": "user", "content": "warm 1"}]}),
+    ]
+    path = tmp_path / "warm.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokyo_ia",
+            "cache",
+            "warm",
+            str(path),
+            "--url",
+            gateway.url,
+            "--concurrency",
+            "1",
+        ],
+        env={**os.environ, "TOKYO_IA_KEY": MASTER},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr  # two bad lines
+    assert "sent 4: stored 2, already cached 1, not cached 0, failed 2" in done.stdout
+    assert "line 3: not JSON" in done.stdout
+    assert "line 4: HTTP 404" in done.stdout
+    before = upstream_calls(emu)
+    assert ask(gateway, "warm 1").headers["x-tokyo-ia-cache"] == "hit"
+    assert ask(gateway, "warm 2").headers["x-tokyo-ia-cache"] == "hit"
+    assert upstream_calls(emu) == before
