@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import httpx
+import time
+from typing import Any
 
+import httpx
+import pytest
+
+from tests.fakes.base import free_port
 from tests.fakes.openai import OpenAIEmulator
 from tests.support import GatewayProcess, openai_provider
 
@@ -43,3 +48,92 @@ def test_breaker_opens_and_traffic_skips_the_broken_deployment(openai_emu: OpenA
         assert broken["circuit"] == "open"
         assert health["deployments"]["good/gpt-4o-mini"]["circuit"] == "closed"
         assert httpx.get(gw.url + "/admin/health").status_code == 401
+
+
+def _post(gw: GatewayProcess, model: str = "m") -> httpx.Response:
+    return httpx.post(
+        gw.url + "/v1/chat/completions",
+        headers={"authorization": f"Bearer {MASTER}"},
+        json={"model": model, "messages": USER},
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("failing", "extra"),
+    [
+        ("refused", {}),  # nothing listens on the port
+        ("error-500", {}),
+        ("error-429", {}),  # with retry-after: failover does not wait for it
+        ("slow-5000", {"timeout_s": 0.5}),  # hangs past the provider timeout
+    ],
+)
+def test_each_kind_of_upstream_failure_fails_over(
+    openai_emu: OpenAIEmulator, failing: str, extra: dict[str, Any]
+) -> None:
+    url = f"http://127.0.0.1:{free_port()}" if failing == "refused" else openai_emu.url
+    config = {
+        "auth": {"master_key": MASTER},
+        "providers": {
+            "bad": openai_provider(url, max_retries=0, **extra),
+            "good": openai_provider(openai_emu.url),
+        },
+        "models": {
+            "m": [{"provider": "bad", "model": failing}, {"provider": "good", "model": "gpt-4o-mini"}]
+        },
+        "resilience": {"health": {"active": False}},
+    }
+    with GatewayProcess(config) as gw:
+        r = _post(gw)
+    assert r.status_code == 200, r.text
+    assert r.headers["x-tokyo-ia-provider"] == "good"
+    assert r.headers["x-tokyo-ia-attempts"] == "2"
+
+
+def test_breaker_goes_through_every_state(openai_emu: OpenAIEmulator) -> None:
+    """closed → open (failures) → half_open (cool-down) → open (trial fails) → half_open →
+    closed (trial succeeds), as seen by clients and at /admin/health."""
+    with OpenAIEmulator() as flaky:
+        config = {
+            "auth": {"master_key": MASTER},
+            "providers": {
+                "primary": openai_provider(flaky.url, max_retries=0),
+                "backup": openai_provider(openai_emu.url),
+            },
+            "models": {
+                "m": [
+                    {"provider": "primary", "model": "gpt-4o-mini", "priority": 0},
+                    {"provider": "backup", "model": "gpt-4o-mini", "priority": 1},
+                ]
+            },
+            "resilience": {
+                "breaker": {"consecutive_failures": 2, "min_requests": 10, "cooldown_s": 1.0},
+                "health": {"active": False},
+            },
+        }
+        with GatewayProcess(config) as gw:
+
+            def circuit() -> str:
+                health = httpx.get(gw.url + "/admin/health", headers={"authorization": f"Bearer {MASTER}"})
+                return str(health.json()["deployments"]["primary/gpt-4o-mini"]["circuit"])
+
+            def served() -> tuple[str, str]:
+                r = _post(gw)
+                assert r.status_code == 200, r.text  # the backup always saves the request
+                return r.headers["x-tokyo-ia-provider"], r.headers["x-tokyo-ia-attempts"]
+
+            assert served() == ("primary", "1") and circuit() == "closed"
+            flaky.state.fault = 503
+            assert [served(), served()] == [("backup", "2")] * 2
+            assert circuit() == "open"
+            assert served() == ("backup", "1")  # primary skipped while open
+            time.sleep(1.2)
+            assert served() == ("backup", "2")  # half-open trial failed ...
+            assert circuit() == "open"  # ... so open again
+            flaky.state.fault = None
+            time.sleep(1.2)
+            assert served() == ("primary", "1")  # trial succeeded
+            assert circuit() == "closed"
+            health = httpx.get(gw.url + "/admin/health", headers={"authorization": f"Bearer {MASTER}"}).json()
+            times = health["deployments"]["primary/gpt-4o-mini"]["time_in_state_s"]
+            assert set(times) >= {"closed", "open", "half_open"}

@@ -39,6 +39,8 @@ class EmulatorState:
     streams_completed: int = 0
     streams_cancelled: int = 0
     counters: dict[str, int] = field(default_factory=dict)
+    fault: int | None = None
+    """When set, every model request is answered with this HTTP error status (outage drills)."""
 
     def bump(self, name: str) -> int:
         self.counters[name] = self.counters.get(name, 0) + 1

@@ -93,6 +93,8 @@ class OpenAIEmulator(Emulator):
             return denied
         body = await request.json()
         model = str(body.get("model", ""))
+        if self.state.fault is not None:
+            return self._error(self.state.fault, f"emulated outage ({self.state.fault})")
         if model.startswith("error-"):
             status = int(model.split("-", 1)[1])
             return self._error(status, f"emulated error {status} for model {model}")
