@@ -86,8 +86,8 @@ async def _drive(gw: GatewayProcess, doomed: OpenAIEmulator) -> dict[str, object
 
     async def killer() -> None:
         await asyncio.sleep(KILL_AT_S)
-        killed_at.append(time.monotonic())
         await asyncio.to_thread(doomed.stop)
+        killed_at.append(time.monotonic())  # once it is really gone
 
     async with httpx.AsyncClient(timeout=30) as http:
         await asyncio.gather(killer(), *(client(http, n) for n in range(CLIENTS)))
