@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from tests.fakes.base import free_port
 
@@ -93,6 +94,19 @@ class GatewayProcess:
 
 def openai_provider(emu_url: str, **extra: Any) -> dict[str, Any]:
     return {"kind": "openai", "base_url": emu_url + "/v1", "api_key": "test-key", **extra}
+
+
+class Outage:
+    """A database session factory that is down (refuses to connect) until ``up`` is set."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self.sessions = sessions
+        self.up = False
+
+    def __call__(self) -> AsyncSession:
+        if not self.up:
+            raise ConnectionRefusedError("database down")
+        return self.sessions()
 
 
 class FakeClock:

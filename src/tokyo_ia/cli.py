@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
+import inspect
 import ipaddress
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .config import Config, load_config_or_default
@@ -34,6 +37,11 @@ def _banner(config: Config, host: str, port: int, workers: int, source: str, *, 
     for public, deployments in config.models.items():
         route = " -> ".join(f"{d.provider}/{d.model}" for d in deployments)
         lines.append(f"  {public:<24} {route}")
+    admin_port = config.server.admin_port
+    if admin_port is not None:
+        admin_host = config.server.admin_host or host
+        shown_admin = f"[{admin_host}]" if ":" in admin_host else admin_host
+        lines.append(f"admin: /admin/* and /metrics only on {scheme}://{shown_admin}:{admin_port}")
     if not config.auth.enabled:
         lines.append(
             "auth: OFF (no master key or keys configured) - open to anyone who can reach "
@@ -73,7 +81,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(_banner(config, host, port, workers, source, tls=tls_cert is not None), flush=True)
     from .observability.logging import configure_logging
     from .observability.metrics import setup_multiprocess_dir
+    from .server.protocol import LIMIT_ENV, BoundedHttpToolsProtocol
 
+    os.environ[LIMIT_ENV] = str(config.server.max_header_bytes)
     os.environ["TOKYO_IA_LOG_LEVEL"] = args.log_level
     os.environ["TOKYO_IA_LOG_FORMAT"] = args.log_format
     configure_logging(args.log_level, args.log_format)
@@ -82,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": host,
         "port": port,
         "loop": "uvloop",
-        "http": "httptools",
+        "http": BoundedHttpToolsProtocol,
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
@@ -92,15 +102,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "ssl_certfile": tls_cert,
         "ssl_keyfile": tls_key,
     }
+    app: Any
     if workers > 1:
         if args.config:
             os.environ["TOKYO_IA_CONFIG"] = str(Path(args.config).resolve())
-        uvicorn.run("tokyo_ia.server:create_app_from_env", factory=True, workers=workers, **common)
+        app, common = "tokyo_ia.server:create_app_from_env", {**common, "factory": True, "workers": workers}
     else:
         from .server import create_app
 
-        uvicorn.run(create_app(config), **common)
-    return 0
+        app = create_app(config)
+    if config.server.admin_port is None:
+        uvicorn.run(app, **common)
+        return 0
+    return _serve_with_admin_port(
+        uvicorn.Config(app, **common), config.server.admin_host or host, config.server.admin_port
+    )
+
+
+def _serve_with_admin_port(uv: Any, admin_host: str, admin_port: int) -> int:
+    """``uvicorn.run``, except that every worker serves two sockets: the public and the admin port.
+
+    Both sockets are bound here, once, and handed to the workers, which is what uvicorn itself
+    does with its one socket; so it works for any number of workers, and each worker's app
+    tells the ports apart by the request's ``scope["server"]`` (``server/app.py``).
+    """
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    admin_config = copy.copy(uv)
+    admin_config.host, admin_config.port = admin_host, admin_port
+    sockets = [uv.bind_socket(), admin_config.bind_socket()]
+    server = uvicorn.Server(uv)
+    if uv.workers > 1:
+        supervisor: Any = Multiprocess
+        if "target" in inspect.signature(supervisor).parameters:  # uvicorn before the 0.3x rework
+            supervisor(uv, target=server.run, sockets=sockets).run()
+        else:
+            supervisor(uv, sockets=sockets).run()
+        return 0
+    server.run(sockets=sockets)
+    return 0 if server.started else 3  # uvicorn's exit status for a failed start-up
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -150,12 +191,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--timeout", type=float, default=5.0, help="seconds per stage")
     doctor.set_defaults(func=cmd_doctor)
 
+    from .accounting.spend_cli import add_commands as add_spend_commands
     from .cache.warm import add_commands as add_cache_commands
     from .security.audit_cli import add_commands as add_audit_commands
     from .store.cli import add_commands
 
     add_commands(sub)
     add_audit_commands(sub)
+    add_spend_commands(sub)
     add_cache_commands(sub)
     return parser
 

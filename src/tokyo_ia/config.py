@@ -27,11 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 
 from .accounting.pricing import PriceSettings
 from .errors import ConfigError
+from .observability.tracing import TracingSettings
 from .resilience.breaker import BreakerSettings
 from .resilience.health import HealthSettings
 from .security.secrets import SecretsBackend, SecretsSettings, build_backend
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MAX_HEADER_BYTES = 16 * 1024
+VIRTUAL_KEY_PREFIX = "sk-tia-"
 
 
 class _Strict(BaseModel):
@@ -64,16 +67,28 @@ class ServerConfig(_Strict):
     port: int = Field(8080, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=256)
     max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    max_header_bytes: int = Field(
+        DEFAULT_MAX_HEADER_BYTES, ge=1024, description="request line + headers; more gets 431"
+    )
     graceful_timeout_s: float = Field(30.0, ge=0)
     insecure: bool = False
     tls_cert: str | None = Field(None, description="PEM certificate (chain): serve HTTPS")
     tls_key: str | None = Field(None, description="PEM private key of tls_cert")
     cors: CorsConfig = Field(default_factory=CorsConfig)
+    admin_port: int | None = Field(
+        None, ge=1, le=65535, description="serve /metrics and /admin/* only on this port"
+    )
+    admin_host: str | None = Field(None, description="address of admin_port (default: host)")
+    metrics_token: SecretStr | None = Field(None, description="/metrics needs 'Bearer <token>'")
 
     @model_validator(mode="after")
     def _tls_pair(self) -> ServerConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("server.tls_cert and server.tls_key go together; set both or neither")
+        if self.admin_port is not None and self.admin_port == self.port:
+            raise ValueError("server.admin_port must differ from server.port; pick another port")
+        if self.admin_host is not None and self.admin_port is None:
+            raise ValueError("server.admin_host needs server.admin_port; set both or neither")
         return self
 
 
@@ -109,6 +124,16 @@ class AuthConfig(_Strict):
     keys: list[StaticKeyConfig] = Field(default_factory=list)
     key_cache_ttl_s: float = Field(5.0, ge=0, description="how long a virtual key lookup is trusted")
     key_negative_ttl_s: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _master_is_not_a_virtual_key(self) -> AuthConfig:
+        if self.master_key is not None and self.master_key.get_secret_value().startswith(VIRTUAL_KEY_PREFIX):
+            raise ValueError(
+                f"master_key must not start with '{VIRTUAL_KEY_PREFIX}', the prefix of virtual "
+                "keys, so it is never mistaken for one; generate another, e.g. "
+                "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+            )
+        return self
 
     @property
     def enabled(self) -> bool:
@@ -147,16 +172,36 @@ class LimitsConfig(_Strict):
     max_parallel: int | None = Field(None, ge=1)
 
 
-class AuditConfig(_Strict):
-    """The append-only, hash-chained audit trail (written in batches, off the hot path)."""
+class BatchingConfig(_Strict):
+    """A background writer's batches (store/batch.py): the hot path never waits on the database."""
 
     enabled: bool = True
+    batch_size: int = Field(200, ge=1, description="write as soon as this many rows wait")
+    flush_interval_s: float = Field(1.0, gt=0, description="else write what waits this often")
+    max_queue: int = Field(100_000, ge=1, description="rows waiting at most; then the oldest is dropped")
+
+    def writer_options(self) -> dict[str, Any]:
+        """The keyword arguments of a :class:`~tokyo_ia.store.batch.BatchWriter`."""
+        return {
+            "batch_size": self.batch_size,
+            "flush_interval_s": self.flush_interval_s,
+            "max_queue": self.max_queue,
+        }
+
+
+class AuditConfig(BatchingConfig):
+    """The append-only, hash-chained audit trail (written in batches, off the hot path)."""
+
     trusted_proxies: list[str] = Field(
         default_factory=list, description="CIDRs whose X-Forwarded-For is believed"
     )
-    batch_size: int = Field(200, ge=1)
-    flush_interval_s: float = Field(1.0, gt=0)
-    max_queue: int = Field(100_000, ge=1)
+    max_payload_bytes: int = Field(
+        16384, ge=256, description="log_payloads keys: each of prompt and answer is cut to this size"
+    )
+
+
+class LedgerConfig(BatchingConfig):
+    """The spend ledger: one row per model request (written in batches, off the hot path)."""
 
 
 class ResilienceConfig(_Strict):
@@ -182,6 +227,8 @@ class Config(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     resilience: ResilienceConfig = Field(default_factory=ResilienceConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    ledger: LedgerConfig = Field(default_factory=LedgerConfig)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
     prices: dict[str, PriceSettings] = Field(
         default_factory=dict, description="USD per million tokens, overriding the shipped table"
     )

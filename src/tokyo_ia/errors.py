@@ -16,7 +16,8 @@ they enter the code base, never classified by their message.
           ├── AuthenticationError         401  missing or unknown API key
           ├── PermissionDeniedError       403  key may not do this
           ├── NotFoundError               404  unknown route or model
-          ├── RequestTooLargeError        413  body or header over the limit
+          ├── RequestTooLargeError        413  body over the limit
+          │    └── HeadersTooLargeError   431  request headers over the limit
           ├── RateLimitError              429  rate limited or over budget (.retry_after)
           ├── UpstreamError               502  a provider failed (.retryable, .provider)
           │    ├── UpstreamBadRequestError 400 the provider rejected the request itself
@@ -104,6 +105,11 @@ class RequestTooLargeError(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class HeadersTooLargeError(RequestTooLargeError):
+    status = 431
+    code = "headers_too_large"
 
 
 class RateLimitError(GatewayError):

@@ -19,6 +19,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from .accounting.ledger import SpendLedger, spend_entry
 from .accounting.pricing import PriceTable
 from .cache.keys import CacheControl, HeaderMap
 from .cache.layer import ResponseCache
@@ -28,9 +29,26 @@ from .errors import (
     RateLimitError,
     TokyoIAError,
     UpstreamError,
+    UpstreamRateLimitError,
 )
 from .observability.logging import access_log
 from .observability.metrics import Metrics
+from .observability.tracing import (
+    ATTR_ATTEMPT,
+    ATTR_ATTEMPTS,
+    ATTR_CACHE_RESULT,
+    ATTR_CANDIDATES,
+    ATTR_COST_USD,
+    ATTR_ERROR_TYPE,
+    ATTR_INPUT_TOKENS,
+    ATTR_MODEL,
+    ATTR_OUTPUT_TOKENS,
+    ATTR_PROVIDER,
+    ATTR_RESPONSE_MODEL,
+    ATTR_TTFT,
+    AttrValue,
+    Tracer,
+)
 from .providers.base import JSON, ChatCall, EmbedCall
 from .providers.base import aclose as _aclose
 from .resilience.admission import Admission, Admitted
@@ -42,6 +60,7 @@ from .routing.catalog import Catalog, Deployment
 from .schema.chat import validate_chat, validate_embeddings, wants_usage
 from .security.audit import AuditEvent, AuditWriter
 from .security.auth import Authenticator, Principal
+from .security.payloads import DEFAULT_MAX_PAYLOAD_BYTES, payload_detail
 
 T = TypeVar("T")
 
@@ -62,10 +81,16 @@ class RequestContext:
     route: str = ""
     model: str | None = None
     client_ip: str | None = None
+    ttft_s: float | None = None
+    """Streams: seconds from the request's arrival to its first chunk going out."""
     cost_usd: float | None = None
     cache: str | None = None
-    cache_control: CacheControl | None = None
     """``hit``, ``miss`` or ``coalesced`` when the response cache was consulted, else None."""
+    cache_control: CacheControl | None = None
+    request_body: Any = None
+    """The request body, kept only for keys with ``log_payloads`` (goes to the audit trail)."""
+    response_body: JSON | None = None
+    """The answer, kept only for keys with ``log_payloads`` (streams: see ``Transcript``)."""
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"x-request-id", self.request_id.encode())]
@@ -81,6 +106,25 @@ class RequestContext:
         if self.admitted is not None and self.admitted.decision is not None:
             headers.extend(ratelimit_headers(self.admitted.decision))
         return headers
+
+    def span_attributes(self) -> dict[str, AttrValue]:
+        """What the request span reports once the response is complete (tracing on only)."""
+        attrs: dict[str, AttrValue] = {ATTR_ATTEMPTS: self.attempts}
+        if self.model is not None:
+            attrs[ATTR_MODEL] = self.model
+        if self.deployment is not None:
+            attrs[ATTR_PROVIDER] = self.deployment.provider.name
+            attrs[ATTR_RESPONSE_MODEL] = self.deployment.model
+        if self.usage:
+            attrs[ATTR_INPUT_TOKENS] = int(self.usage.get("prompt_tokens") or 0)
+            attrs[ATTR_OUTPUT_TOKENS] = int(self.usage.get("completion_tokens") or 0)
+        if self.cost_usd is not None:
+            attrs[ATTR_COST_USD] = self.cost_usd
+        if self.cache is not None:
+            attrs[ATTR_CACHE_RESULT] = self.cache
+        if self.ttft_s is not None:
+            attrs[ATTR_TTFT] = self.ttft_s
+        return attrs
 
 
 @dataclass(slots=True)
@@ -99,6 +143,7 @@ class ChatStream:
         """The chunks for the client: usage kept for accounting, shown only if asked for."""
         try:
             chunk: JSON | None = self.first
+            self.ctx.ttft_s = time.monotonic() - self.ctx.started
             while chunk is not None:
                 if "usage" in chunk:
                     if chunk["usage"] is not None and self.charge:
@@ -118,6 +163,9 @@ class ChatStream:
 
 
 class Pipeline:
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    """Cut of each side of a ``log_payloads`` key's audited payload (``audit.max_payload_bytes``)."""
+
     def __init__(
         self,
         authenticator: Authenticator,
@@ -129,16 +177,20 @@ class Pipeline:
         throttle_wait_s: dict[str, float] | None = None,
         health: HealthMonitor | None = None,
         audit: AuditWriter | None = None,
+        ledger: SpendLedger | None = None,
         prices: PriceTable | None = None,
         metrics: Metrics | None = None,
         cache: ResponseCache | None = None,
+        tracer: Tracer | None = None,
         deadline_s: float = 600.0,
     ) -> None:
         self.cache = cache
+        self.tracer = tracer or Tracer()
         self.prices = prices or PriceTable.load()
         self.metrics = metrics
         self.health = health
         self.audit = audit
+        self.ledger = ledger
         self.auth = authenticator
         self.catalog = catalog
         self.admission = admission
@@ -154,7 +206,12 @@ class Pipeline:
             ctx.cost_usd = float(self.prices.cost(ctx.deployment.model, ctx.usage))
 
     def record(self, ctx: RequestContext, status: int) -> None:
-        """Metrics, one access-log line and an audit record for a finished request."""
+        """Metrics, one access-log line, a spend-ledger row (a model request) and an audit record.
+
+        The ledger gets a row once the request named a model, whatever the outcome (errors
+        included); requests refused before that (bad key, malformed body) only reach the
+        metrics, the access log and the audit trail.
+        """
         usage = ctx.usage or {}
         principal = ctx.principal
         provider = ctx.deployment.provider.name if ctx.deployment is not None else ""
@@ -171,6 +228,7 @@ class Pipeline:
                 tokens_in,
                 tokens_out,
                 ctx.cost_usd or 0.0,
+                ctx.ttft_s,
             )
         access_log(
             request_id=ctx.request_id,
@@ -185,6 +243,8 @@ class Pipeline:
             attempts=ctx.attempts,
             route=ctx.route,
         )
+        if self.ledger is not None and ctx.model is not None and ctx.route.startswith("/v1/"):
+            self.ledger.record(spend_entry(ctx, status, elapsed))
         if self.audit is None:
             return
         detail: JSON = {
@@ -195,6 +255,8 @@ class Pipeline:
         if ctx.deployment is not None:
             detail["provider"] = ctx.deployment.provider.name
             detail["upstream_model"] = ctx.deployment.model
+        if ctx.request_body is not None:  # set only for keys with log_payloads
+            detail["payload"] = payload_detail(ctx.request_body, ctx.response_body, self.max_payload_bytes)
         action = "request" if ctx.route.startswith("/v1/") else f"admin {ctx.route}"
         self.audit.record(
             AuditEvent(
@@ -238,9 +300,20 @@ class Pipeline:
         return chat
 
     async def _admit(self, ctx: RequestContext, body: JSON) -> list[Deployment]:
-        """Authorize the model, count the request against its limits, list the candidates."""
-        assert ctx.principal is not None
+        """Authorize the model, count the request against its limits, list the candidates.
+
+        With tracing on, this is the ``route`` span.
+        """
         ctx.model = body["model"]
+        if self.tracer.enabled:
+            with self.tracer.child("route", {ATTR_MODEL: body["model"]}) as span:
+                candidates = await self._select(ctx, body)
+                span.set_attribute(ATTR_CANDIDATES, ",".join(d.label for d in candidates))
+                return candidates
+        return await self._select(ctx, body)
+
+    async def _select(self, ctx: RequestContext, body: JSON) -> list[Deployment]:
+        assert ctx.principal is not None
         self.auth.authorize_model(ctx.principal, body["model"])
         candidates = self.catalog.candidates(body["model"])
         ctx.admitted = await self.admission.admit(ctx.principal, body)
@@ -348,29 +421,28 @@ class Pipeline:
         """Try each deployment in order, retrying retryable failures per its policy.
 
         A non-retryable error (the caller's mistake, bad credentials) is returned at once.
+        Counted in metrics: each retry, and each move to a later deployment because an earlier
+        one failed or had its circuit open (a failover).
         """
         failures: list[tuple[Deployment, UpstreamError]] = []
         skipped: list[Deployment] = []
         deadline = self._deadline(ctx)
-        tokens = ctx.admitted.tokens if ctx.admitted is not None else 0
         health = self.health
+        metrics = self.metrics
         for deployment in candidates:
             if health is not None and not await health.allow(deployment.label):
                 skipped.append(deployment)  # circuit open: do not even try
                 continue
+            if metrics is not None and (failures or skipped):
+                metrics.observe_failover(ctx.model or "")
             ctx.deployment = deployment
-            name = deployment.provider.name
-            policy = self.retries.get(name, self._no_retry)
-            throttle = self.throttles.get(name)
+            policy = self.retries.get(deployment.provider.name, self._no_retry)
             retry = 0
             while True:
                 ctx.attempts += 1
                 started = time.monotonic()
                 try:
-                    if throttle is not None:
-                        wait = min(self.throttle_wait_s.get(name, 1.0), max(0.0, deadline - time.monotonic()))
-                        await throttle.wait_or_fail(tokens, wait)
-                    result = await attempt(deployment)
+                    result = await self._attempt(ctx, deployment, attempt, deadline)
                 except UpstreamError as exc:
                     if health is not None:
                         await health.record(deployment.label, exc, time.monotonic() - started)
@@ -381,6 +453,8 @@ class Pipeline:
                         failures.append((deployment, exc))
                         break
                     retry += 1
+                    if metrics is not None:
+                        metrics.observe_retry(deployment.provider.name)
                     await asyncio.sleep(delay)
                     continue
                 except BaseException as exc:  # cancelled, or a bug: neutral for the breaker
@@ -398,6 +472,56 @@ class Pipeline:
                 f"{', '.join(d.label for d in skipped)}; retry shortly"
             )
         raise _exhausted(failures, skipped)
+
+    async def _attempt(
+        self,
+        ctx: RequestContext,
+        d: Deployment,
+        attempt: Callable[[Deployment], Awaitable[T]],
+        deadline: float,
+    ) -> T:
+        """One call to one deployment: the provider's own rate limit first (it may wait, or
+        refuse with a retryable 429), then the call, timed until its answer or first chunk."""
+        name = d.provider.name
+        throttle = self.throttles.get(name)
+        if throttle is not None:
+            tokens = ctx.admitted.tokens if ctx.admitted is not None else 0
+            wait = min(self.throttle_wait_s.get(name, 1.0), max(0.0, deadline - time.monotonic()))
+            try:
+                await throttle.wait_or_fail(tokens, wait)
+            except UpstreamRateLimitError:
+                if self.metrics is not None:
+                    self.metrics.observe_rate_limited("provider")
+                raise
+        started = time.monotonic()
+        try:
+            if self.tracer.enabled:
+                return await self._traced_attempt(ctx, d, attempt)
+            return await attempt(d)
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe_upstream(name, d.model, time.monotonic() - started)
+
+    async def _traced_attempt(
+        self, ctx: RequestContext, d: Deployment, attempt: Callable[[Deployment], Awaitable[T]]
+    ) -> T:
+        """The attempt as a CLIENT span. The upstream gets a ``traceparent`` naming this span
+        instead of the client's (which the request span already continues)."""
+        attrs: dict[str, AttrValue] = {
+            ATTR_ATTEMPT: ctx.attempts,
+            ATTR_PROVIDER: d.provider.name,
+            ATTR_MODEL: d.model,
+        }
+        with self.tracer.child(f"upstream {d.label}", attrs, client=True) as span:
+            ctx.propagate = {}
+            self.tracer.inject(ctx.propagate)
+            try:
+                return await attempt(d)
+            except UpstreamError as exc:
+                span.set_attribute(ATTR_ERROR_TYPE, exc.code or type(exc).__name__)
+                if exc.upstream_status is not None:
+                    span.set_http_status(exc.upstream_status)
+                raise
 
 
 def _exhausted(failures: list[tuple[Deployment, UpstreamError]], skipped: list[Deployment]) -> GatewayError:

@@ -20,6 +20,7 @@ import yaml
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from tests.support import Outage
 from tokyo_ia.security.audit import (
     GENESIS_HASH,
     HASHED_FIELDS,
@@ -148,19 +149,6 @@ async def test_a_full_queue_drops_the_oldest_and_says_so_in_the_trail(
     assert stored[0].action == "audit.dropped"
     assert stored[0].detail == {"count": 5, "total": 5}
     assert [r.detail["i"] for r in stored[1:] if r.detail] == list(range(5, 15))
-
-
-class Outage:
-    """A session factory whose database is down until ``up`` is set."""
-
-    def __init__(self, sessions: Sessions) -> None:
-        self.sessions = sessions
-        self.up = False
-
-    def __call__(self) -> AsyncSession:
-        if not self.up:
-            raise ConnectionRefusedError("database down")
-        return self.sessions()
 
 
 async def test_a_database_failure_keeps_the_events_for_the_next_try(sessions: Sessions) -> None:

@@ -16,7 +16,7 @@ from tokyo_ia.store import check_schema, create_engine, current_revision, head_r
 from tokyo_ia.store.db import VERSION_TABLE, downgrade
 from tokyo_ia.store.models import ApiKey, AuditEntry, Base
 
-TABLES = {"api_keys", "audit_log", VERSION_TABLE}
+TABLES = {"api_keys", "audit_log", "spend_ledger", VERSION_TABLE}
 
 
 def _tables(conn: Connection) -> set[str]:
@@ -28,12 +28,12 @@ async def test_upgrade_builds_the_schema_on_an_empty_database(empty_db_url: str)
     try:
         assert await current_revision(engine) is None
         await upgrade(empty_db_url)
-        assert await current_revision(engine) == head_revision() == "0001"
+        assert await current_revision(engine) == head_revision() == "0002"
         async with engine.connect() as conn:
             assert await conn.run_sync(_tables) >= TABLES
         await check_schema(engine)
         await upgrade(empty_db_url)  # a second run changes nothing
-        assert await current_revision(engine) == "0001"
+        assert await current_revision(engine) == "0002"
     finally:
         await engine.dispose()
 
@@ -41,7 +41,7 @@ async def test_upgrade_builds_the_schema_on_an_empty_database(empty_db_url: str)
 async def test_an_unmigrated_database_is_refused_with_the_command_to_run(empty_db_url: str) -> None:
     engine = create_engine(empty_db_url)
     try:
-        with pytest.raises(ConfigError, match=r"is empty, this version needs 0001; run: tokyo-ia db upgrade"):
+        with pytest.raises(ConfigError, match=r"is empty, this version needs 0002; run: tokyo-ia db upgrade"):
             await check_schema(engine)
     finally:
         await engine.dispose()
@@ -53,9 +53,9 @@ async def test_downgrade_to_base_removes_our_tables_and_upgrade_restores_them(em
     engine = create_engine(empty_db_url)
     try:
         async with engine.connect() as conn:
-            assert not {"api_keys", "audit_log"} & await conn.run_sync(_tables)
+            assert not {"api_keys", "audit_log", "spend_ledger"} & await conn.run_sync(_tables)
         await upgrade(empty_db_url)
-        assert await current_revision(engine) == "0001"
+        assert await current_revision(engine) == "0002"
     finally:
         await engine.dispose()
 

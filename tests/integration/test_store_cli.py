@@ -50,7 +50,7 @@ def test_keys_commands_need_a_migrated_database(cli: Cli) -> None:
     assert cli("db", "current")[0] == 1
     code, out, _ = cli("db", "upgrade")
     assert code == 0
-    assert "is at revision 0001" in out
+    assert "is at revision 0002" in out
     code, out, _ = cli("db", "current")
     assert code == 0
     assert "up to date" in out

@@ -106,3 +106,19 @@ def test_demo_settings_are_typed() -> None:
     assert config.providers["d"].kind == "demo"
     with pytest.raises(ConfigError, match=r"providers\.d\.latency_ms"):
         parse_config({"providers": {"d": {"kind": "demo", "latency_ms": -1}}})
+
+
+def test_a_master_key_shaped_like_a_virtual_key_is_refused_without_echoing_it() -> None:
+    with pytest.raises(ConfigError, match="master_key must not start with 'sk-tia-'") as info:
+        parse_config({"auth": {"master_key": "sk-tia-secret-value"}})
+    assert "secret-value" not in str(info.value)
+
+
+def test_admin_port_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match=r"admin_port must differ from server\.port"):
+        parse_config({"server": {"port": 9000, "admin_port": 9000}})
+    with pytest.raises(ConfigError, match=r"admin_host needs server\.admin_port"):
+        parse_config({"server": {"admin_host": "127.0.0.1"}})
+    server = parse_config({"server": {"admin_port": 9090, "metrics_token": "t"}}).server
+    assert server.max_header_bytes == 16 * 1024
+    assert server.metrics_token is not None and server.metrics_token.get_secret_value() == "t"

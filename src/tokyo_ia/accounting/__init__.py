@@ -1,4 +1,8 @@
-"""Usage → cost. Budgets, the spend ledger writer and reports join this package later."""
+"""Usage → cost (pricing), the spend ledger writer (ledger) and its reports (spend, spend_cli).
+
+Only pricing is re-exported: config.py imports this package, and the ledger pulls in the store.
+Budgets join this package later.
+"""
 
 from .pricing import FREE, Price, PriceSettings, PriceTable, shipped_prices, usage_cost
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
+from ..observability.tracing import ATTR_CACHE_RESULT, Tracer
 from ..providers.base import aclose as _aclose
 from ..providers.base import completion_to_chunks
 from .base import JSON, Cache, CachedEntry, assemble_stream
@@ -58,8 +59,10 @@ class ResponseCache:
         per_key: bool = False,
         prices: PriceTable | None = None,
         metrics: Metrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.backend = backend
+        self.tracer = tracer or Tracer()
         self.coalescer = coalescer
         self.ttl_s = ttl_s
         self.per_key = per_key
@@ -93,7 +96,7 @@ class ResponseCache:
         control = ctx.cache_control or DEFAULT_CONTROL
         key = self.key(ctx, body)
         if not control.no_cache:
-            entry = await self.backend.get(key)
+            entry = await (self._traced_get(key) if self.tracer.enabled else self.backend.get(key))
             if entry is not None:
                 return self._served(ctx, entry, candidates, "hit")
         led = False
@@ -135,7 +138,7 @@ class ResponseCache:
         control = ctx.cache_control or DEFAULT_CONTROL
         key = self.key(ctx, body)
         if not control.no_cache:
-            entry = await self.backend.get(key)
+            entry = await (self._traced_get(key) if self.tracer.enabled else self.backend.get(key))
             if entry is not None:
                 self._served(ctx, entry, candidates, "hit")
                 chunks = completion_to_chunks(entry.response)
@@ -193,6 +196,13 @@ class ResponseCache:
                 del self._leaders[key]
 
     # -- bookkeeping ---------------------------------------------------------------------------
+
+    async def _traced_get(self, key: str) -> CachedEntry | None:
+        """The lookup as the ``cache`` span (tracing on)."""
+        with self.tracer.child("cache") as span:
+            entry = await self.backend.get(key)
+            span.set_attribute(ATTR_CACHE_RESULT, "miss" if entry is None else "hit")
+            return entry
 
     def _entry(self, ctx: RequestContext, response: JSON) -> CachedEntry:
         d = ctx.deployment

@@ -39,7 +39,10 @@ Attrs = Mapping[str, AttrValue]
 
 # Attribute names: OpenTelemetry GenAI and HTTP semantic conventions where they exist.
 ATTR_REQUEST_ID = "tokyo_ia.request_id"
-ATTR_ATTEMPT = "tokyo_ia.attempt"
+ATTR_ATTEMPT = "tokyo_ia.attempt"  # on an upstream span: which attempt of the request (1, 2...)
+ATTR_ATTEMPTS = "tokyo_ia.attempts"  # on the request span: how many were made
+ATTR_CANDIDATES = "tokyo_ia.route.candidates"  # on the route span: deployments in the order to try
+ATTR_TTFT = "tokyo_ia.time_to_first_token_s"
 ATTR_CACHE_RESULT = "tokyo_ia.cache.result"
 ATTR_COST_USD = "tokyo_ia.cost_usd"
 ATTR_MODEL = "gen_ai.request.model"
@@ -48,6 +51,9 @@ ATTR_PROVIDER = "gen_ai.provider.name"
 ATTR_INPUT_TOKENS = "gen_ai.usage.input_tokens"
 ATTR_OUTPUT_TOKENS = "gen_ai.usage.output_tokens"
 ATTR_HTTP_STATUS = "http.response.status_code"
+ATTR_HTTP_METHOD = "http.request.method"
+ATTR_HTTP_ROUTE = "http.route"
+ATTR_ERROR_TYPE = "error.type"
 
 _ENDPOINT_ENV = "OTEL_EXPORTER_OTLP_ENDPOINT"
 _TRACES_PATH = "/v1/traces"

@@ -62,6 +62,15 @@ class EmbedCall(Call):
     """An embeddings call."""
 
 
+@dataclass(frozen=True, slots=True)
+class PoolStats:
+    """An upstream connection pool: connections in use, kept open idle, and the pool's size."""
+
+    active: int
+    idle: int
+    limit: int
+
+
 @dataclass(slots=True)
 class CheckResult:
     """Outcome of a connectivity check that spends no tokens."""
@@ -92,6 +101,10 @@ class Provider(ABC):
 
     async def close(self) -> None:
         """Close connection pools. Called on shutdown."""
+
+    def pool(self) -> PoolStats | None:
+        """The upstream connection pool now, for metrics; None when there is none."""
+        return None
 
     @abstractmethod
     async def chat(self, call: ChatCall) -> JSON:

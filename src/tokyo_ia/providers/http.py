@@ -27,7 +27,7 @@ from ..errors import (
     UpstreamRateLimitError,
     UpstreamTimeoutError,
 )
-from .base import JSON, Call, CheckResult, Provider
+from .base import JSON, Call, CheckResult, PoolStats, Provider
 
 # Statuses after which another attempt (or another deployment) may succeed.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
@@ -141,6 +141,18 @@ class HTTPTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def pool(self) -> PoolStats | None:
+        """Connections in use and idle, read from the connector (aiohttp has no public counter
+        for them, so this reads its bookkeeping and reports 0 if that ever changes)."""
+        if self._session is None:
+            return None
+        connector = self._session.connector
+        if connector is None:
+            return None
+        active = len(getattr(connector, "_acquired", ()))
+        idle = sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
+        return PoolStats(active, idle, connector.limit)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -323,6 +335,9 @@ class HTTPProvider(Provider):
 
     async def close(self) -> None:
         await self.http.close()
+
+    def pool(self) -> PoolStats | None:
+        return self.http.pool()
 
     def _headers_for(self, extra: Mapping[str, str]) -> dict[str, str]:
         return {**self._headers, **extra} if extra else self._headers

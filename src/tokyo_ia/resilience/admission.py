@@ -9,10 +9,14 @@ token estimate with the real usage, so TPM tracks what the provider actually cou
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from ..errors import RateLimitError
 from ..security.auth import Principal
 from .ratelimit import Decision, Limits, RateLimiter, estimate_tokens, rate_limit_error
+
+if TYPE_CHECKING:
+    from ..observability.metrics import Metrics
 
 
 class Admitted:
@@ -32,11 +36,22 @@ class Admitted:
 
 
 class Admission:
-    def __init__(self, limiter: RateLimiter, global_limits: Limits, *, estimate: bool = False) -> None:
-        """``estimate``: estimate prompt tokens even with no TPM limit here (a provider has one)."""
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        global_limits: Limits,
+        *,
+        estimate: bool = False,
+        metrics: Metrics | None = None,
+    ) -> None:
+        """``estimate``: estimate prompt tokens even with no TPM limit here (a provider has one).
+
+        ``metrics`` counts each refusal by scope (``key`` or ``global``).
+        """
         self.limiter = limiter
         self.global_limits = global_limits
         self.estimate = estimate or global_limits.tpm is not None
+        self.metrics = metrics
 
     async def admit(self, principal: Principal, body: dict[str, Any]) -> Admitted:
         """Count the request against its key and the gateway, or raise a 429 saying which."""
@@ -48,6 +63,7 @@ class Admission:
                 decision = await self.limiter.acquire(scope, limits, admitted.tokens)
                 if not decision.allowed:
                     await admitted.release()
+                    self._refused(scope)
                     raise rate_limit_error(decision)
                 admitted.scopes.append((scope, limits))
                 if admitted.decision is None:
@@ -59,10 +75,16 @@ class Admission:
                     await admitted.slots.enter_async_context(
                         self.limiter.parallel(scope, limits.max_parallel)
                     )
-                except BaseException:
+                except BaseException as exc:
                     await admitted.release()
+                    if isinstance(exc, RateLimitError):
+                        self._refused(scope)
                     raise
         return admitted
+
+    def _refused(self, scope: str) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_rate_limited(scope.partition(":")[0])  # key:<id> counts as "key"
 
     async def settle(self, admitted: Admitted, usage: dict[str, Any] | None) -> None:
         """Charge the difference between the real token count and the admission estimate."""

@@ -2,15 +2,11 @@
 
 Why it is shaped like this:
 
-- **Never on the hot path.** :meth:`AuditWriter.record` only appends to an in-memory deque; a
-  background task writes batches, one transaction each, every ``flush_interval_s`` or as soon as
-  ``batch_size`` events wait. :meth:`AuditWriter.close` drains the queue, so a SIGTERM (uvicorn's
-  lifespan shutdown) loses nothing that was recorded.
-- **Bounded memory.** When the database cannot keep up (or is down) and ``max_queue`` events
-  wait, the *oldest* event is dropped: the caller must never block or fail because of auditing,
-  and the newest events describe what is happening now. Drops are counted (``dropped``), logged
-  at most every ``_WARN_EVERY_S`` seconds, and written into the trail itself as an
-  ``audit.dropped`` event, so the gap is visible to anyone who reads or verifies the log.
+- **Never on the hot path, bounded, drained on shutdown.** :class:`AuditWriter` is a
+  :class:`~tokyo_ia.store.batch.BatchWriter`: ``record`` only appends to a deque, a background
+  task writes batches (one transaction each), ``close`` drains the queue, and a full queue drops
+  the *oldest* event. Drops are also written into the trail itself as an ``audit.dropped``
+  event, so the gap is visible to anyone who reads or verifies the log.
 - **Tamper-evident.** Each row's ``hash`` is the SHA-256 of its ``prev_hash`` followed by a
   canonical JSON of its fields (sorted keys, ``ts`` as ISO 8601 UTC with microseconds);
   ``prev_hash`` is the previous row's ``hash`` (the first row links to 64 zeros). Changing,
@@ -25,14 +21,10 @@ Why it is shaped like this:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import functools
 import hashlib
 import ipaddress
 import logging
-import time
-from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +34,7 @@ import orjson
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ..store.batch import BatchWriter
 from ..store.models import AuditEntry, utcnow
 
 log = logging.getLogger("tokyo_ia.audit")
@@ -49,8 +42,6 @@ log = logging.getLogger("tokyo_ia.audit")
 GENESIS_HASH = "0" * 64
 #: The advisory lock every replica takes to append ("tokyoaud" in ASCII; any constant would do).
 ADVISORY_LOCK_ID = 0x746F6B796F617564
-_WARN_EVERY_S = 10.0
-_CLOSE_ATTEMPTS = 3
 _VERIFY_PAGE = 1000
 _INT32 = (-(2**31), 2**31 - 1)
 #: Column widths (see store/models.py): longer values are cut so one event never poisons a batch.
@@ -174,132 +165,26 @@ async def append(sessions: async_sessionmaker[AsyncSession], rows: list[Row]) ->
 # -- the writer ---------------------------------------------------------------------------
 
 
-class AuditWriter:
-    """Queues events in memory and writes them in batches from a background task.
+class AuditWriter(BatchWriter[AuditEvent]):
+    """Queues events in memory and appends them to the chain in batches (store/batch.py).
 
     Create it anywhere, call :meth:`start` inside the running event loop, :meth:`close` on
     shutdown. ``record`` works before ``start`` (events wait) and is a no-op counted as a drop
-    after ``close``.
+    after ``close``. Drops are written into the trail as an ``audit.dropped`` event.
     """
 
-    def __init__(
-        self,
-        session_factory: async_sessionmaker[AsyncSession],
-        *,
-        batch_size: int = 200,
-        flush_interval_s: float = 1.0,
-        max_queue: int = 100_000,
-    ) -> None:
-        if batch_size < 1 or max_queue < 1 or flush_interval_s <= 0:
-            raise ValueError("batch_size and max_queue must be >= 1 and flush_interval_s > 0")
-        self._sessions = session_factory
-        self.batch_size = batch_size
-        self.flush_interval_s = flush_interval_s
-        self.max_queue = max_queue
-        self._queue: deque[AuditEvent] = deque()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closed = False
-        #: Events dropped since start, and the part not yet written into the trail.
-        self.dropped = 0
-        self._dropped_unreported = 0
-        self._last_warning = float("-inf")
-        #: Batches committed (one transaction each) and events written; for tests and metrics.
-        self.batches_written = 0
-        self.events_written = 0
+    label = "audit"
+    logger = log
 
     @property
-    def pending(self) -> int:
-        return len(self._queue)
+    def events_written(self) -> int:
+        return self.items_written
 
-    def record(self, event: AuditEvent) -> None:
-        """Queue ``event``; O(1), never blocks, never touches the database, never raises."""
-        if self._closed:
-            self._drop(1, "the audit writer is closed")
-            return
-        if len(self._queue) >= self.max_queue:
-            self._queue.popleft()
-            self._drop(1, f"the audit queue is full ({self.max_queue} events)")
-        self._queue.append(event)
-        if len(self._queue) >= self.batch_size:
-            self._wake.set()
+    async def write(self, items: list[AuditEvent]) -> None:
+        await append(self.sessions, [_to_row(e) for e in items])
 
-    def _drop(self, count: int, why: str) -> None:
-        self.dropped += count
-        self._dropped_unreported += count
-        now = time.monotonic()
-        if now - self._last_warning >= _WARN_EVERY_S:
-            self._last_warning = now
-            log.warning("audit events dropped: %s (%d dropped so far)", why, self.dropped)
-
-    def start(self) -> None:
-        """Start the background writer; call from inside the running event loop."""
-        if self._task is None and not self._closed:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="tokyo-ia-audit-writer")
-
-    async def _run(self) -> None:
-        while not self._closed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.flush_interval_s)
-            self._wake.clear()
-            if not await self.flush() and not self._closed:
-                # Back off: during an outage every record() would wake us again at once.
-                await asyncio.sleep(self.flush_interval_s)
-
-    async def flush(self) -> bool:
-        """Write everything queued now, batch by batch; False if the database refused a batch.
-
-        A failed batch goes back to the front of the queue and is retried on the next tick, so
-        a database outage delays the trail instead of losing it (up to ``max_queue`` events).
-        """
-        while self._queue or self._dropped_unreported:
-            reported = self._dropped_unreported
-            events = self._take_batch()
-            try:
-                await append(self._sessions, [_to_row(e) for e in events])
-            except Exception:  # any failure (outage, bad row): keep the events, retry later
-                log.exception("audit: writing %d events failed; will retry", len(events))
-                self._dropped_unreported += reported
-                self._requeue(events[1:] if reported else events)
-                return False
-            self.batches_written += 1
-            self.events_written += len(events)
-        return True
-
-    def _take_batch(self) -> list[AuditEvent]:
-        events: list[AuditEvent] = []
-        if self._dropped_unreported:
-            detail = {"count": self._dropped_unreported, "total": self.dropped}
-            events.append(AuditEvent(action="audit.dropped", detail=detail))
-            self._dropped_unreported = 0
-        while self._queue and len(events) < self.batch_size:
-            events.append(self._queue.popleft())
-        return events
-
-    def _requeue(self, events: list[AuditEvent]) -> None:
-        room = self.max_queue - len(self._queue)
-        if room < len(events):
-            self._drop(len(events) - room, "the audit queue is full while the database is failing")
-            events = events[len(events) - room :] if room > 0 else []
-        self._queue.extendleft(reversed(events))
-
-    async def close(self) -> None:
-        """Stop the background task and write every queued event before returning."""
-        if self._closed:
-            return
-        self._closed = True
-        self._wake.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-        for attempt in range(_CLOSE_ATTEMPTS):
-            if await self.flush():
-                return
-            await asyncio.sleep(min(self.flush_interval_s, 0.5) * (attempt + 1))
-        lost = len(self._queue)
-        self._queue.clear()
-        self._drop(lost, "the database refused the last audit events at shutdown")
-        log.error("audit: %d events could not be written at shutdown and are lost", lost)
+    def drop_marker(self, count: int) -> AuditEvent:
+        return AuditEvent(action="audit.dropped", detail={"count": count, "total": self.dropped})
 
 
 # -- verification -------------------------------------------------------------------------

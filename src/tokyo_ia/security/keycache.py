@@ -4,10 +4,13 @@ How fast a change takes effect, on every replica:
 
 - The replica that makes a change (admin API or a :class:`~tokyo_ia.security.keys.KeyService`
   in the same process) invalidates its own entry at once, through ``KeyService.on_change``.
-- Every other replica keeps serving what it read for at most ``ttl_s`` (default 5 s), then
-  reads the database again. So a revocation, a disabled key or a new model list is in force
-  everywhere within ``ttl_s`` seconds; lower it if that window is too long for you. An expiry
-  needs no round trip: it is checked against the clock on every hit.
+- With ``redis.url`` set, every other replica is told through Redis pub/sub and forgets the
+  key within milliseconds (``keysync.py``).
+- Without Redis, or while it is unreachable, every other replica keeps serving what it read
+  for at most ``ttl_s`` (default 5 s), then reads the database again. So a revocation, a
+  disabled key or a new model list is in force everywhere within ``ttl_s`` seconds in every
+  case; lower it if that window is too long for you. An expiry needs no round trip: it is
+  checked against the clock on every hit.
 - A key that does not exist is remembered for ``negative_ttl_s`` (default 1 s), so a client
   hammering with a garbage key costs one query per second, and a freshly created key works
   on other replicas after at most that long. Tokens that do not even look like a virtual key

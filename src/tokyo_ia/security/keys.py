@@ -15,7 +15,7 @@ import builtins
 import re
 import secrets
 import unicodedata
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -23,16 +23,17 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from ..config import VIRTUAL_KEY_PREFIX
 from ..errors import AuthenticationError, InvalidRequestError, NotFoundError
 from ..store.models import ApiKey, utcnow
 from .auth import Principal, digest
 
-KEY_PREFIX = "sk-tia-"
+KEY_PREFIX = VIRTUAL_KEY_PREFIX  # defined with the config, which refuses it for the master key
 _SECRET_BYTES = 32
 _SHOWN_CHARS = 4
 _MAX_KEY_LEN = 128
 
-Listener = Callable[[str, str], None]
+Listener = Callable[[str, str], Awaitable[None] | None]
 
 
 def generate_key() -> str:
@@ -297,7 +298,9 @@ class KeyService:
     """Create, read, change, rotate and revoke keys. Works the same on SQLite and PostgreSQL.
 
     Listeners registered with :meth:`on_change` are called with ``(key_id, key_hash)`` after
-    every committed change, so this process's :class:`KeyCache` forgets the key at once.
+    every committed change, so this process's :class:`KeyCache` forgets the key at once (and,
+    with Redis, every other replica's: see ``keysync.py``). A listener may be a coroutine
+    function; the change's method returns once every listener has run.
     """
 
     def __init__(self, session_factory: async_sessionmaker[AsyncSession]) -> None:
@@ -307,9 +310,11 @@ class KeyService:
     def on_change(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
-    def _changed(self, key_id: str, key_hash: str) -> None:
+    async def _changed(self, key_id: str, key_hash: str) -> None:
         for listener in self._listeners:
-            listener(key_id, key_hash)
+            result = listener(key_id, key_hash)
+            if result is not None:
+                await result
 
     async def create(
         self,
@@ -373,7 +378,7 @@ class KeyService:
             for name, value in values.items():
                 setattr(row, "meta" if name == "metadata" else name, value)
             row.updated_at = utcnow()
-        self._changed(row.id, row.key_hash)
+        await self._changed(row.id, row.key_hash)
         return _record(row)
 
     async def rotate(self, key_id: str) -> tuple[str, KeyRecord]:
@@ -394,7 +399,7 @@ class KeyService:
             values = {name: getattr(old, "meta" if name == "metadata" else name) for name in CREATABLE}
             new = _new_row(plaintext, values, enabled=old.enabled, rotated_from=old.id)
             session.add(new)
-        self._changed(old.id, old.key_hash)
+        await self._changed(old.id, old.key_hash)
         return plaintext, _record(new)
 
     async def revoke(self, key_id: str) -> KeyRecord:
@@ -402,7 +407,7 @@ class KeyService:
         async with self._sessions.begin() as session:
             await _mark_revoked(session, key_id)
             row = await _load(session, key_id)
-        self._changed(row.id, row.key_hash)
+        await self._changed(row.id, row.key_hash)
         return _record(row)
 
     async def lookup(self, key_hash: str) -> KeyRecord | None:

@@ -102,7 +102,7 @@ class AdminRoutes:
         return 201, _with_secret(plaintext, record)
 
     async def list(self, request: Request) -> Reply:
-        query = dict(parse_qsl(request.scope.get("query_string", b"").decode("latin-1")))
+        query = query_params(request)
         for name in query:
             if name not in _LIST_PARAMS:
                 raise InvalidRequestError(
@@ -118,6 +118,11 @@ class AdminRoutes:
             offset=_int_param(query, "offset", 0),
         )
         return 200, {"object": "list", "data": [_public(r) for r in records]}
+
+
+def query_params(request: Request) -> dict[str, str]:
+    """The query string as a mapping (a repeated name keeps its last value)."""
+    return dict(parse_qsl(request.scope.get("query_string", b"").decode("latin-1")))
 
 
 def _public(record: KeyRecord) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import os
 import re
@@ -18,15 +19,20 @@ from typing import Any
 
 import orjson
 
+from ..accounting.spend import parse_params, render_csv, report_document, spend_report
 from ..config import Config, default_config, load_config
-from ..errors import InvalidRequestError, NotFoundError, RequestTooLargeError
+from ..errors import AuthenticationError, InvalidRequestError, NotFoundError, RequestTooLargeError
 from ..gateway import Gateway
+from ..observability.tracing import ATTR_HTTP_METHOD, ATTR_HTTP_ROUTE, ATTR_REQUEST_ID, Tracer
 from ..pipeline import ChatStream, RequestContext
 from ..security.audit import client_ip
+from ..security.auth import digest
+from ..security.payloads import Transcript
 from .admin import PREFIX as ADMIN_KEYS_PREFIX
-from .admin import AdminRoutes, require_admin
+from .admin import AdminRoutes, query_params, require_admin
 from .cors import Cors
 from .errors import render_error, stream_error_event
+from .headers import check_headers
 
 log = logging.getLogger("tokyo_ia.server")
 
@@ -174,11 +180,14 @@ async def _send_stream(
 ) -> None:
     """Write a stream as SSE; a client that goes away cancels the upstream call."""
     await send({"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, *headers]})
+    transcript = Transcript() if stream.ctx.request_body is not None else None  # log_payloads keys
 
     async def pump() -> None:
         try:
             async with contextlib.aclosing(stream.chunks()) as chunks:
                 async for chunk in chunks:
+                    if transcript is not None:
+                        transcript.add(chunk)
                     body = b"data: " + orjson.dumps(chunk) + b"\n\n"
                     await send({"type": "http.response.body", "body": body, "more_body": True})
             tail = b"data: [DONE]\n\n"
@@ -197,16 +206,23 @@ async def _send_stream(
         for task in (pump_task, watch_task):
             with contextlib.suppress(asyncio.CancelledError, OSError):
                 await task
+        if transcript is not None:
+            stream.ctx.response_body = transcript.response()
 
 
 class GatewayApp:
     """The ASGI callable. One per worker process."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, tracer: Tracer | None = None) -> None:
         self.config = config
-        self.gateway = Gateway(config)
+        self.gateway = Gateway(config, tracer=tracer)
         self.pipeline = self.gateway.pipeline
+        self.tracer = self.gateway.tracer
         self.max_body = config.server.max_body_bytes
+        self.max_header_bytes = config.server.max_header_bytes
+        self.admin_port = config.server.admin_port
+        token = config.server.metrics_token
+        self.metrics_digest = digest(token.get_secret_value()) if token is not None else None
         self.admin = AdminRoutes(self.gateway.keys)
         self.cors = Cors(config.server.cors)
         self.trusted_proxies = list(config.audit.trusted_proxies)
@@ -218,6 +234,7 @@ class GatewayApp:
             "/health/ready": {"GET": self.ready},
             "/admin/health": {"GET": self.admin_health},
             "/admin/cache": {"GET": self.admin_cache},
+            "/admin/spend": {"GET": self.admin_spend},
             "/metrics": {"GET": self.metrics},
         }
         # Routes that own every path below them (any method): they dispatch further themselves.
@@ -248,10 +265,32 @@ class GatewayApp:
                 )
                 return
             extra = [*extra, *self.cors.headers(origin)]
+        if not audited:
+            await self._respond(request, ctx, send, extra)
+            return
+        metrics = self.gateway.metrics
+        metrics.request_started()
         try:
+            if self.tracer.enabled:
+                sent = await self._traced(request, ctx, send, extra)
+            else:
+                sent = await self._respond(request, ctx, send, extra)
+        finally:
+            metrics.request_finished()  # after the last byte: a stream counts until it ends
+        if sent is not None:
+            self.pipeline.record(ctx, sent)
+
+    async def _respond(self, request: Request, ctx: RequestContext, send: Send, extra: Headers) -> int | None:
+        """Run the route's handler and write its reply or error: the status sent, or None when
+        the client left before its request was read."""
+        scope, path = request.scope, ctx.route
+        try:
+            check_headers(scope["headers"], self.max_header_bytes)
+            if self.admin_port is not None:
+                self._check_port(path, scope)
             reply = await self._resolve(path, scope["method"])(request, ctx)
         except ClientDisconnected:
-            return
+            return None
         except Exception as exc:  # noqa: BLE001 - mapped to an error response in one place
             status, error_headers, body = render_error(exc, ctx.request_id)
             await _send_json(send, status, body, [*ctx.response_headers(), *error_headers, *extra])
@@ -268,12 +307,40 @@ class GatewayApp:
                 await send({"type": "http.response.body", "body": reply.body})
             elif isinstance(reply, ChatStream):
                 status = 200
-                await _send_stream(send, receive, reply, [*ctx.response_headers(), *extra], ctx.request_id)
+                await _send_stream(
+                    send, request.receive, reply, [*ctx.response_headers(), *extra], ctx.request_id
+                )
             else:
                 status, payload = reply
                 await _send_json(send, status, orjson.dumps(payload), [*ctx.response_headers(), *extra])
-        if audited:
-            self.pipeline.record(ctx, status)
+        return status
+
+    async def _traced(self, request: Request, ctx: RequestContext, send: Send, extra: Headers) -> int | None:
+        """:meth:`_respond` inside the request's SERVER span, which continues the client's trace
+        (``traceparent``) and ends after the last byte: a stream's span ends with the stream."""
+        method, route = request.scope["method"], self._route_name(ctx.route)
+        attrs = {ATTR_REQUEST_ID: ctx.request_id, ATTR_HTTP_METHOD: method, ATTR_HTTP_ROUTE: route}
+        with self.tracer.request_span(
+            f"{method} {route}",
+            request.header(b"traceparent"),
+            attrs,
+            tracestate=request.header(b"tracestate"),
+        ) as span:
+            status = await self._respond(request, ctx, send, extra)
+            span.set_attributes(ctx.span_attributes())
+            if status is not None:
+                span.set_http_status(status)
+            return status
+
+    def _route_name(self, path: str) -> str:
+        """The route a path belongs to (bounded: ids in admin paths never name a span)."""
+        route = path.rstrip("/") or "/"
+        if route in self.routes:
+            return route
+        for prefix, _ in self.subtrees:
+            if route == prefix or route.startswith(prefix + "/"):
+                return prefix
+        return "other"
 
     def _client_ip(self, scope: Scope, request: Request) -> str | None:
         peer = scope.get("client")
@@ -284,16 +351,24 @@ class GatewayApp:
             self.trusted_proxies,
         )
 
+    def _check_port(self, path: str, scope: Scope) -> None:
+        """With ``server.admin_port``: /metrics and /admin/* only there, the API only elsewhere.
+
+        A route on the wrong port is an unknown route, so the public port does not even tell
+        that an admin API exists. Health checks answer on both.
+        """
+        server = scope.get("server")
+        on_admin_port = server is not None and server[1] == self.admin_port
+        if not path.startswith("/health/") and path.startswith(("/admin/", "/metrics")) != on_admin_port:
+            raise _unknown_route(path)
+
     def _resolve(self, path: str, method: str) -> Handler:
         methods = self.routes.get(path.rstrip("/") or "/")
         if methods is None:
             for prefix, owner in self.subtrees:
                 if path == prefix or path.startswith(prefix + "/"):
                     return owner
-            raise NotFoundError(
-                f"no route {path}; the API lives under /v1 (for example POST /v1/chat/completions)",
-                code="unknown_route",
-            )
+            raise _unknown_route(path)
         handler = methods.get(method)
         if handler is None:
             raise MethodNotAllowedError(
@@ -322,13 +397,23 @@ class GatewayApp:
     async def chat_completions(self, request: Request, ctx: RequestContext) -> Reply:
         ctx.propagate = _propagated(request)
         body = await self.pipeline.prepare_chat(ctx, await request.json(), request.headers)
+        if ctx.principal is not None and ctx.principal.log_payloads:
+            ctx.request_body = body
         if body.get("stream"):
             return await self.pipeline.chat_stream(ctx, body)
-        return 200, await self.pipeline.chat(ctx, body)
+        answer = await self.pipeline.chat(ctx, body)
+        if ctx.request_body is not None:
+            ctx.response_body = answer
+        return 200, answer
 
     async def embeddings(self, request: Request, ctx: RequestContext) -> Reply:
         ctx.propagate = _propagated(request)
-        return 200, await self.pipeline.embeddings(ctx, await request.json())
+        raw = await request.json()
+        try:
+            return 200, await self.pipeline.embeddings(ctx, raw)
+        finally:
+            if ctx.principal is not None and ctx.principal.log_payloads:
+                ctx.request_body = raw  # the input only: vectors are not worth keeping
 
     async def models(self, request: Request, ctx: RequestContext) -> Reply:
         return 200, await self.pipeline.list_models(ctx)
@@ -343,6 +428,16 @@ class GatewayApp:
         require_admin(ctx)
         return 200, await self.gateway.health.snapshot()
 
+    async def admin_spend(self, request: Request, ctx: RequestContext) -> Reply:
+        """Spend from the ledger by key, team, model or day (?by= &since= &until= &format=csv)."""
+        await self.pipeline.authenticate(ctx)
+        require_admin(ctx)
+        query, fmt = parse_params(query_params(request))
+        rows = await spend_report(self.gateway.sessions, query)
+        if fmt == "csv":
+            return RawReply(200, render_csv(rows, query.by).encode(), "text/csv; charset=utf-8")
+        return 200, report_document(rows, query)
+
     async def admin_cache(self, request: Request, ctx: RequestContext) -> Reply:
         """Hits, misses, coalesced requests, bytes, evictions, tokens and dollars saved."""
         await self.pipeline.authenticate(ctx)
@@ -353,7 +448,15 @@ class GatewayApp:
         return 200, {"enabled": True, **(await cache.stats())}
 
     async def metrics(self, request: Request, ctx: RequestContext) -> Reply:
-        """Prometheus exposition (no secrets, bounded labels)."""
+        """Prometheus exposition (no secrets, bounded labels); ``server.metrics_token`` guards it."""
+        if self.metrics_digest is not None and not hmac.compare_digest(
+            digest(ctx.api_key or ""), self.metrics_digest
+        ):
+            raise AuthenticationError(
+                "/metrics needs the metrics token: send 'Authorization: Bearer <server.metrics_token>'",
+                code="missing_api_key" if not ctx.api_key else "invalid_api_key",
+            )
+        self.gateway.sample_pools()
         body, content_type = self.gateway.metrics.render_metrics()
         return RawReply(200, body, content_type)
 
@@ -364,6 +467,13 @@ class GatewayApp:
         if not self.gateway.ready:
             return 503, {"status": "starting"}
         return 200, {"status": "ready", "models": len(self.gateway.catalog.names())}
+
+
+def _unknown_route(path: str) -> NotFoundError:
+    return NotFoundError(
+        f"no route {path}; the API lives under /v1 (for example POST /v1/chat/completions)",
+        code="unknown_route",
+    )
 
 
 def _propagated(request: Request) -> dict[str, str]:

@@ -81,10 +81,15 @@ def cmd_db_current(args: argparse.Namespace) -> int:
 
 
 def database_command(action: DatabaseAction) -> Callable[[argparse.Namespace], int]:
-    """A command that runs ``action`` on the config's database, refusing an unmigrated one."""
+    """A command that runs ``action`` on the config's database, refusing an unmigrated one.
+
+    ``args.redis_url`` is set to the config's ``redis.url`` too (key commands announce changes).
+    """
 
     def command(args: argparse.Namespace) -> int:
-        url = load_config_or_default(args.config).store.url
+        config = load_config_or_default(args.config)
+        url = config.store.url
+        args.redis_url = config.redis.url
 
         async def go() -> int:
             engine = create_engine(url)
@@ -101,8 +106,27 @@ def database_command(action: DatabaseAction) -> Callable[[argparse.Namespace], i
 
 
 def _keys_command(action: Action) -> Callable[[argparse.Namespace], int]:
-    """Wrap an action so it gets a KeyService on the config's (migrated) database."""
-    return database_command(lambda sessions, args: action(KeyService(sessions), args))
+    """Wrap an action so it gets a KeyService on the config's (migrated) database.
+
+    With ``redis.url`` configured, revocations and rotations are announced to the running
+    gateways (``security/keysync.py``), which then stop honouring the old key at once.
+    """
+
+    async def run(sessions: async_sessionmaker[AsyncSession], args: argparse.Namespace) -> Any:
+        service = KeyService(sessions)
+        if args.redis_url is None:
+            return await action(service, args)
+        from ..redis_client import connect
+        from ..security.keysync import announcer
+
+        redis = connect(args.redis_url)
+        service.on_change(announcer(redis))
+        try:
+            return await action(service, args)
+        finally:
+            await redis.aclose()
+
+    return database_command(run)
 
 
 def _metadata(pairs: Sequence[str] | None) -> dict[str, str] | None:

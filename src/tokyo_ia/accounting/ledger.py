@@ -1,0 +1,144 @@
+"""The spend ledger writer: one row per finished model request, table ``spend_ledger``.
+
+The pipeline calls :meth:`SpendLedger.record` once a request is answered; rows reach the
+database in batches from a background task and are drained on shutdown (the machinery and its
+guarantees are :class:`~tokyo_ia.store.batch.BatchWriter`'s). Reports over the rows are
+accounting/spend.py.
+
+Cost is what the pipeline charged (``RequestContext.cost_usd``, from the price table), stored
+as an exact :class:`~decimal.Decimal`: the float the pipeline carries holds at most a dozen
+significant digits of a Decimal product, which ``repr`` gives back digit for digit. Such
+conversions and clean-ups happen in the background writer, not in :func:`spend_entry`, which
+runs on the request path (a few microseconds).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import insert
+
+from ..store.batch import BatchWriter
+from ..store.models import SpendRecord, utcnow
+
+if TYPE_CHECKING:
+    from ..pipeline import RequestContext
+
+log = logging.getLogger("tokyo_ia.accounting")
+
+_ZERO = Decimal(0)
+_INT32_MAX = 2**31 - 1
+_MAX_USD = Decimal(10**8)  # per row; the columns hold about 9.2e8 (SQLite) and 1e10 (PostgreSQL)
+#: Column widths (see store/models.py): longer values are cut so one entry never poisons a batch.
+_WIDTHS = {
+    "request_id": 128,
+    "key_id": 128,
+    "team": 200,
+    "model": 256,
+    "provider": 128,
+    "upstream_model": 256,
+    "route": 256,
+    "cache_status": 16,
+}
+
+
+@dataclass(slots=True)
+class SpendEntry:
+    """One finished model request. ``model`` is the public name, ``upstream_model`` the billed one."""
+
+    request_id: str
+    route: str
+    status: int
+    latency_ms: float
+    key_id: str | None = None
+    team: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    upstream_model: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cached_tokens: int | None = None
+    cost_usd: Decimal | float = _ZERO
+    """A float is stored as the Decimal its ``repr`` spells."""
+    cache_status: str | None = None
+    """``hit``, ``miss``, ``coalesced``, or None when the response cache was not consulted."""
+    attempts: int = 0
+    created_at: datetime = field(default_factory=utcnow)
+
+
+def _count(value: Any) -> int:
+    return min(value, _INT32_MAX) if isinstance(value, int) and value > 0 else 0
+
+
+def cached_tokens(usage: Mapping[str, Any]) -> int | None:
+    """``prompt_tokens_details.cached_tokens`` of OpenAI-shaped usage, None when not reported."""
+    details = usage.get("prompt_tokens_details")
+    if not isinstance(details, dict) or "cached_tokens" not in details:
+        return None
+    return _count(details["cached_tokens"])
+
+
+def spend_entry(ctx: RequestContext, status: int, elapsed_s: float) -> SpendEntry:
+    """The ledger row of a request that finished with ``status`` after ``elapsed_s`` seconds."""
+    usage = ctx.usage or {}
+    principal, deployment = ctx.principal, ctx.deployment
+    return SpendEntry(
+        request_id=ctx.request_id,
+        route=ctx.route,
+        status=status,
+        latency_ms=round(elapsed_s * 1000, 3),
+        key_id=principal.key_id if principal is not None else None,
+        team=principal.team if principal is not None else None,
+        model=ctx.model,
+        provider=deployment.provider.name if deployment is not None else None,
+        upstream_model=deployment.model if deployment is not None else None,
+        tokens_in=usage.get("prompt_tokens") or 0,
+        tokens_out=usage.get("completion_tokens") or 0,
+        cached_tokens=cached_tokens(usage),
+        cost_usd=ctx.cost_usd or _ZERO,
+        cache_status=ctx.cache,
+        attempts=ctx.attempts,
+    )
+
+
+def _money(value: Decimal | float) -> Decimal:
+    exact = Decimal(repr(value)) if isinstance(value, float) else value
+    # Nothing a request can cost is near the limit; a value past it would fail its batch forever.
+    return exact if exact.is_finite() and abs(exact) < _MAX_USD else _ZERO
+
+
+def _row(entry: SpendEntry) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "created_at": entry.created_at,
+        "status": entry.status,
+        "latency_ms": float(entry.latency_ms),
+        "tokens_in": _count(entry.tokens_in),
+        "tokens_out": _count(entry.tokens_out),
+        "cached_tokens": None if entry.cached_tokens is None else _count(entry.cached_tokens),
+        "cost_usd": _money(entry.cost_usd),
+        "attempts": _count(entry.attempts),
+    }
+    for name, width in _WIDTHS.items():
+        value = getattr(entry, name)
+        row[name] = None if value is None else str(value)[:width]
+    return row
+
+
+class SpendLedger(BatchWriter[SpendEntry]):
+    """Queues :class:`SpendEntry` rows and inserts them in batches, one transaction each.
+
+    Dropped entries (queue full while the database is down) are counted in ``dropped`` and
+    logged; unlike the audit trail, the ledger does not write a row about them.
+    """
+
+    label = "spend ledger"
+    logger = log
+
+    async def write(self, items: list[SpendEntry]) -> None:
+        async with self.sessions() as session, session.begin():
+            await session.execute(insert(SpendRecord), [_row(e) for e in items])
