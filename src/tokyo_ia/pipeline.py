@@ -240,6 +240,7 @@ class Pipeline:
             tokens_in=tokens_in,
             tokens_out=tokens_out,
             cost_usd=ctx.cost_usd or 0.0,
+            cache=ctx.cache,
             attempts=ctx.attempts,
             route=ctx.route,
         )
