@@ -77,6 +77,8 @@ def test_second_identical_request_is_a_hit_without_an_upstream_call(
     assert float(first.headers["x-tokyo-ia-cost-usd"]) > 0
     assert float(second.headers["x-tokyo-ia-cost-usd"]) == 0  # a hit costs nothing
     assert second.headers["x-tokyo-ia-provider"] == "emu"  # who made the answer
+    line = next(x for x in gateway.log.splitlines() if second.headers["x-request-id"] in x)
+    assert '"cache":"hit"' in line.replace(" ", "")  # the access log says so too
 
 
 def test_parameters_that_change_the_answer_never_share_an_entry(
