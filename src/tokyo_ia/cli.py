@@ -96,6 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "lifespan": "on",
         "access_log": False,
         "server_header": False,
+        # X-Forwarded-For is read by the app itself, against audit.trusted_proxies only.
+        "proxy_headers": False,
         "log_level": args.log_level,
         "log_config": None,
         "timeout_graceful_shutdown": config.server.graceful_timeout_s,

@@ -102,8 +102,21 @@ async def test_record_never_writes_and_the_writer_batches(sessions: Sessions) ->
         return writer.events_written == 120
 
     await until(written)
-    assert writer.batches_written == 3  # 50 + 50 + 20: one transaction each
+    assert writer.batches_written == 1  # behind by more than a batch: the backlog goes at once
     assert await count_rows(sessions) == 120
+    for i in range(30):  # not behind: batches of batch_size
+        writer.record(event(i))
+    await writer.flush()
+    assert writer.batches_written == 2
+    for i in range(5000):  # far behind: up to 10 batches' worth per transaction
+        writer.record(event(i))
+
+    async def all_written() -> bool:
+        return writer.events_written == 5150
+
+    await until(all_written)
+    assert writer.batches_written <= 2 + 10
+    assert await count_rows(sessions) == 5150
     await writer.close()
 
 

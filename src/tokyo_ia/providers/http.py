@@ -29,6 +29,9 @@ from ..errors import (
 )
 from .base import JSON, Call, CheckResult, PoolStats, Provider
 
+_DEADLINE_SLACK_S = 1.0
+"""A deadline this close to the provider's own timeout uses the session's timeout object."""
+
 # Statuses after which another attempt (or another deployment) may succeed.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
 
@@ -166,8 +169,8 @@ class HTTPTransport:
         (Never ``None``: aiohttp reads an explicit ``timeout=None`` as "no timeout at all".)
         """
         session_timeout = self.session.timeout
-        if remaining is None or remaining >= self.config.timeout_s:
-            return session_timeout
+        if remaining is None or remaining >= self.config.timeout_s - _DEADLINE_SLACK_S:
+            return session_timeout  # the usual case: no new object per call
         return aiohttp.ClientTimeout(
             total=max(0.001, remaining),
             sock_connect=min(self.config.connect_timeout_s, max(0.001, remaining)),

@@ -40,7 +40,9 @@ class Principal:
     metadata: dict[str, str] = field(default_factory=dict)
 
     def may_use(self, model: str) -> bool:
-        return self.admin or any(fnmatchcase(model, pattern) for pattern in self.models)
+        if self.admin or "*" in self.models:
+            return True
+        return any(fnmatchcase(model, pattern) for pattern in self.models)
 
 
 ANONYMOUS = Principal(key_id="anonymous", name="anonymous", models=("*",))

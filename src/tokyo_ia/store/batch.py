@@ -32,6 +32,8 @@ T = TypeVar("T")
 
 _WARN_EVERY_S = 10.0
 _CLOSE_ATTEMPTS = 3
+_CATCH_UP = 10
+"""A writer that is behind takes up to this many batches' worth of items in one write."""
 
 
 class BatchWriter(ABC, Generic[T]):
@@ -150,7 +152,11 @@ class BatchWriter(ABC, Generic[T]):
             marked = 0
         else:
             items.append(marker)
-        while self._queue and len(items) < self.batch_size:
+        # Behind (a backlog of several batches)? Take more at once: each write costs a few
+        # round trips through the event loop, which are slow while it is busy with requests,
+        # so bigger batches are what lets the writer catch up under load.
+        limit = self.batch_size * _CATCH_UP if len(self._queue) > self.batch_size else self.batch_size
+        while self._queue and len(items) < limit:
             items.append(self._queue.popleft())
         return items, marked
 
