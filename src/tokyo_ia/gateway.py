@@ -15,6 +15,7 @@ from .accounting.ledger import SpendLedger
 from .accounting.pricing import PriceTable
 from .cache.layer import ResponseCache
 from .config import Config
+from .observability.logging import flush_access_log
 from .observability.metrics import Metrics
 from .observability.tracing import Tracer, build_tracer
 from .pipeline import Pipeline
@@ -228,3 +229,4 @@ class Gateway:
         if self.redis is not None:
             await self.redis.aclose()
         await self.db.dispose()
+        flush_access_log()

@@ -13,7 +13,6 @@ import hmac
 import logging
 import os
 import re
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -156,7 +155,7 @@ def _request_id(request: Request) -> str:
         text = given.decode("latin-1")
         if _REQUEST_ID.fullmatch(text):
             return text
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, like uuid4().hex at a third of the cost
 
 
 async def _send_json(send: Send, status: int, body: bytes, headers: Headers) -> None:
