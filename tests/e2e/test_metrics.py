@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,6 +37,7 @@ def test_metrics_match_traffic_and_cost_is_reported(openai_emu: OpenAIEmulator) 
         r = httpx.post(gw.url + "/v1/chat/completions", json={"model": "nope", "messages": USER})
         assert r.status_code == 404
         text = httpx.get(gw.url + "/metrics").text
+        time.sleep(0.4)  # access lines are written in blocks, at most 0.2 s after the request
         log = gw.log
     samples = _samples(text)
     route = ("route", "/v1/chat/completions")
