@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sqlite3
 import time
 import uuid
@@ -20,15 +19,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import redis
 
 from tests.fakes.base import free_port
-from tests.support import GatewayProcess, sdk_client
+from tests.support import REDIS_URL, GatewayProcess, require_redis, sdk_client
 
 MASTER = "master-" + uuid.uuid4().hex
 APP_KEY = "app-" + uuid.uuid4().hex
 USER = [{"role": "user", "content": "hello"}]
-REDIS_URL = os.environ.get("TOKYO_IA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
 def _config(**extra: Any) -> dict[str, Any]:
@@ -92,17 +89,8 @@ def test_virtual_key_lifecycle_through_the_admin_api(gw: GatewayProcess) -> None
         sdk(gw, new_key).chat.completions.create(model="demo", messages=USER)  # type: ignore[arg-type]
 
 
-def _redis_or_skip() -> None:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
-    except (redis.RedisError, OSError) as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"Redis not reachable at {REDIS_URL}: {exc} (CI=true)")
-        pytest.skip(f"!!! Redis not reachable at {REDIS_URL}: {exc}")
-
-
 def test_two_gateways_share_one_redis_rate_limit() -> None:
-    _redis_or_skip()
+    require_redis()
     name = "shared-" + uuid.uuid4().hex[:8]
     key = "k-" + uuid.uuid4().hex
     config = _config(redis={"url": REDIS_URL})
@@ -135,7 +123,7 @@ def test_two_gateways_share_one_redis_rate_limit() -> None:
 def test_a_revocation_reaches_every_replica_through_redis(tmp_path: Path) -> None:
     """Two gateways, one database, one Redis; keys cached for 300 s: the revocation made on
     gateway A is in force on gateway B at once, because A announced it (security/keysync.py)."""
-    _redis_or_skip()
+    require_redis()
     config = _config(redis={"url": REDIS_URL}, store={"url": f"sqlite+aiosqlite:///{tmp_path / 'shared.db'}"})
     config["auth"]["key_cache_ttl_s"] = 300
     with GatewayProcess(config) as a, GatewayProcess(config) as b:

@@ -287,4 +287,3 @@ class _Feed:
     def _wake(self) -> None:
         wakeup, self._wakeup = self._wakeup, asyncio.Event()
         wakeup.set()
-

@@ -303,45 +303,32 @@ def access_log(
     structlog's processor chain and builds the same line directly (same fields, same
     redaction), buffered by :class:`_AccessSink`.
     """
-    sink = _access_json
-    if sink is not None:
-        line: dict[str, Any] = dict(structlog.contextvars.get_contextvars()) if _bound else {}
-        line.update(
-            logger="tokyo_ia.access",
-            event="request",
-            request_id=request_id,
-            key_id=key_id,
-            model=model,
-            provider=provider,
-            status=status,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-            cost_usd=cost_usd,
-            latency_ms=round(latency_ms, 3),
-            cache=cache,
-            attempts=attempts,
-            **extra,
-        )
-        line["level"] = "info"
-        _timestamp(None, "", line)
-        _redact_mapping(line)
-        sink.write(orjson.dumps(line, default=str) + b"\n")
-        return
-    _access.info(
-        "request",
-        request_id=request_id,
-        key_id=key_id,
-        model=model,
-        provider=provider,
-        status=status,
-        tokens_in=tokens_in,
-        tokens_out=tokens_out,
-        cost_usd=cost_usd,
-        latency_ms=round(latency_ms, 3),
-        cache=cache,
-        attempts=attempts,
+    fields: dict[str, Any] = {
+        "request_id": request_id,
+        "key_id": key_id,
+        "model": model,
+        "provider": provider,
+        "status": status,
+        "tokens_in": tokens_in,
+        "tokens_out": tokens_out,
+        "cost_usd": cost_usd,
+        "latency_ms": round(latency_ms, 3),
+        "cache": cache,
+        "attempts": attempts,
         **extra,
-    )
+    }
+    sink = _access_json
+    if sink is None:
+        _access.info("request", **fields)
+        return
+    line: dict[str, Any] = dict(structlog.contextvars.get_contextvars()) if _bound else {}
+    line["logger"] = "tokyo_ia.access"
+    line["event"] = "request"
+    line.update(fields)
+    line["level"] = "info"
+    _timestamp(None, "", line)
+    _redact_mapping(line)
+    sink.write(orjson.dumps(line, default=str) + b"\n")
 
 
 def bind_request(fields: Mapping[str, Any]) -> None:
