@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert
 
-from ..store.batch import BatchWriter
+from ..store.batch import BatchWriter, slices
 from ..store.models import SpendRecord, utcnow
 
 if TYPE_CHECKING:
@@ -141,4 +141,5 @@ class SpendLedger(BatchWriter[SpendEntry]):
 
     async def write(self, items: list[SpendEntry]) -> None:
         async with self.sessions() as session, session.begin():
-            await session.execute(insert(SpendRecord), [_row(e) for e in items])
+            async for part in slices(items):
+                await session.execute(insert(SpendRecord), [_row(e) for e in part])

@@ -34,7 +34,7 @@ import orjson
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ..store.batch import BatchWriter
+from ..store.batch import BatchWriter, slices
 from ..store.models import AuditEntry, utcnow
 
 log = logging.getLogger("tokyo_ia.audit")
@@ -154,12 +154,13 @@ async def append(sessions: async_sessionmaker[AsyncSession], rows: list[Row]) ->
         await _lock_chain(session)
         last = await session.scalar(select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1))
         prev = last or GENESIS_HASH
-        values = []
-        for row in rows:
-            digest = row_hash(prev, row)
-            values.append({**row, "prev_hash": prev, "hash": digest})
-            prev = digest
-        await session.execute(insert(AuditEntry), values)
+        async for part in slices(rows):
+            values = []
+            for row in part:
+                digest = row_hash(prev, row)
+                values.append({**row, "prev_hash": prev, "hash": digest})
+                prev = digest
+            await session.execute(insert(AuditEntry), values)
 
 
 # -- the writer ---------------------------------------------------------------------------
@@ -181,7 +182,10 @@ class AuditWriter(BatchWriter[AuditEvent]):
         return self.items_written
 
     async def write(self, items: list[AuditEvent]) -> None:
-        await append(self.sessions, [_to_row(e) for e in items])
+        rows: list[Row] = []
+        async for part in slices(items):  # building rows is event-loop work: let requests in
+            rows.extend(_to_row(e) for e in part)
+        await append(self.sessions, rows)
 
     def drop_marker(self, count: int) -> AuditEvent:
         return AuditEvent(action="audit.dropped", detail={"count": count, "total": self.dropped})

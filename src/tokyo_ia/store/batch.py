@@ -24,6 +24,7 @@ import logging
 import time
 from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import AsyncIterator
 from typing import Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -32,8 +33,23 @@ T = TypeVar("T")
 
 _WARN_EVERY_S = 10.0
 _CLOSE_ATTEMPTS = 3
+SLICE = 100
+"""Rows per INSERT statement inside a batch's transaction (see :func:`slices`)."""
 _CATCH_UP = 10
 """A writer that is behind takes up to this many batches' worth of items in one write."""
+
+
+async def slices(items: list[T], size: int = SLICE) -> AsyncIterator[list[T]]:
+    """``items`` in slices of ``size``, letting the event loop run between them.
+
+    Turning rows into statement parameters is Python work done on the event loop; a large
+    batch in one go would stall every request for milliseconds. Writers insert slice by
+    slice inside one transaction, so requests interleave and the batch stays all or nothing.
+    """
+    for start in range(0, len(items), size):
+        if start:
+            await asyncio.sleep(0)
+        yield items[start : start + size]
 
 
 class BatchWriter(ABC, Generic[T]):
