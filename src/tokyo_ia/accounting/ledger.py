@@ -19,9 +19,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import insert
+from sqlalchemy import Table, insert
 
 from ..store.batch import BatchWriter, slices
 from ..store.models import SpendRecord, utcnow
@@ -29,6 +29,8 @@ from ..store.models import SpendRecord, utcnow
 if TYPE_CHECKING:
     from ..pipeline import RequestContext
 
+# Core INSERT on the table (not the ORM-enabled one): no per-row ORM book-keeping.
+_INSERT_SPEND = insert(cast(Table, SpendRecord.__table__))
 log = logging.getLogger("tokyo_ia.accounting")
 
 _ZERO = Decimal(0)
@@ -142,4 +144,4 @@ class SpendLedger(BatchWriter[SpendEntry]):
     async def write(self, items: list[SpendEntry]) -> None:
         async with self.sessions() as session, session.begin():
             async for part in slices(items):
-                await session.execute(insert(SpendRecord), [_row(e) for e in part])
+                await session.execute(_INSERT_SPEND, [_row(e) for e in part])

@@ -28,15 +28,17 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import insert, select, text
+from sqlalchemy import Table, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from ..store.batch import BatchWriter, slices
 from ..store.models import AuditEntry, utcnow
 
+# Core INSERT on the table (not the ORM-enabled one): no per-row ORM book-keeping.
+_INSERT_AUDIT = insert(cast(Table, AuditEntry.__table__))
 log = logging.getLogger("tokyo_ia.audit")
 
 GENESIS_HASH = "0" * 64
@@ -160,7 +162,7 @@ async def append(sessions: async_sessionmaker[AsyncSession], rows: list[Row]) ->
                 digest = row_hash(prev, row)
                 values.append({**row, "prev_hash": prev, "hash": digest})
                 prev = digest
-            await session.execute(insert(AuditEntry), values)
+            await session.execute(_INSERT_AUDIT, values)
 
 
 # -- the writer ---------------------------------------------------------------------------
