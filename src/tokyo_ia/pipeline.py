@@ -251,7 +251,7 @@ class Pipeline:
         detail: JSON = {
             "request_id": ctx.request_id,
             "attempts": ctx.attempts,
-            "latency_ms": round((time.monotonic() - ctx.started) * 1000, 3),
+            "latency_ms": round(elapsed * 1000, 3),
         }
         if ctx.deployment is not None:
             detail["provider"] = ctx.deployment.provider.name

@@ -12,6 +12,7 @@ import contextlib
 import hmac
 import logging
 import os
+import random
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -155,7 +156,9 @@ def _request_id(request: Request) -> str:
         text = given.decode("latin-1")
         if _REQUEST_ID.fullmatch(text):
             return text
-    return os.urandom(16).hex()  # 128 random bits, like uuid4().hex at a third of the cost
+    # 128 random bits as 32 hex digits, like uuid4().hex without a system call: an id must be
+    # unique, not secret (nothing is authorised by knowing one).
+    return f"{random.getrandbits(128):032x}"
 
 
 async def _send_json(send: Send, status: int, body: bytes, headers: Headers) -> None:
