@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .accounting.ledger import SpendLedger
 from .accounting.pricing import PriceTable
@@ -32,6 +32,7 @@ from .security.auth import Authenticator
 from .security.keycache import KeyCache
 from .security.keys import KeyService
 from .store.db import check_schema, create_engine, session_factory
+from .store.inline import InlineSessions, sync_sqlite_url
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -64,12 +65,13 @@ class Gateway:
             self.keys, ttl_s=config.auth.key_cache_ttl_s, negative_ttl_s=config.auth.key_negative_ttl_s
         )
         self.authenticator = Authenticator(config.auth, virtual=self.key_cache)
-        self.audit = (
-            AuditWriter(self.sessions, **config.audit.writer_options()) if config.audit.enabled else None
-        )
-        self.ledger = (
-            SpendLedger(self.sessions, **config.ledger.writer_options()) if config.ledger.enabled else None
-        )
+        # On SQLite the book-keeping writers run their statements on this loop's thread
+        # (store/inline.py explains why); elsewhere they use the async engine like the rest.
+        inline_url = sync_sqlite_url(config.store.url)
+        self.inline_sessions = InlineSessions(inline_url) if inline_url else None
+        books: Any = self.inline_sessions or self.sessions
+        self.audit = AuditWriter(books, **config.audit.writer_options()) if config.audit.enabled else None
+        self.ledger = SpendLedger(books, **config.ledger.writer_options()) if config.ledger.enabled else None
         limits = config.limits
         self.metrics = Metrics.from_config(config)
         self.tracer = tracer or build_tracer(config.tracing)
@@ -219,6 +221,8 @@ class Gateway:
             await self.audit.close()  # drains every queued record before the pool closes
         if self.ledger is not None:
             await self.ledger.close()  # likewise: every finished request gets its row
+        if self.inline_sessions is not None:
+            self.inline_sessions.dispose()
         if self.cache is not None:
             await self.cache.close()  # flushes the shared counters (the client is closed below)
         self.metrics.close()

@@ -1,0 +1,136 @@
+"""SQLite writes on the event loop's own thread, for the audit trail and the spend ledger.
+
+aiosqlite runs every SQLite call on a thread of its own. When the request loop keeps the CPU
+busy, that thread has to win the GIL back for every statement and every row of an
+``executemany``: measured at ~2,000 req/s on one core, a 2,000-row batch took 5-6 s of wall
+time for ~30 ms of work, the writers fell behind by ~1,500 rows/s and their queues grew until
+rows were dropped. Called from the loop's thread, the same statements never wait for the
+GIL: the writers run them synchronously (the stdlib ``sqlite3`` driver), in slices of
+:data:`~.batch.SLICE` rows with a loop turn between slices, so the loop is held for a few
+milliseconds at a time.
+
+:class:`InlineSessions` looks like the ``async_sessionmaker`` the writers are written
+against (``async with sessions() as s, s.begin()``, ``await s.execute(...)``,
+``await s.scalar(...)``, ``await s.connection()``), so their code does not change. Only
+SQLite uses it; PostgreSQL's async driver (asyncpg) has no thread and needs none of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any
+
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy.orm import Session, SessionTransaction
+
+from .db import _sqlite_pragmas
+
+BUSY_TIMEOUT_MS = 100
+
+
+def sync_sqlite_url(url: str) -> str | None:
+    """The stdlib-driver URL of an on-disk ``sqlite+aiosqlite`` URL; None for anything else."""
+    prefix = "sqlite+aiosqlite:"
+    if not url.startswith(prefix) or ":memory:" in url or "mode=memory" in url:
+        return None
+    return "sqlite+pysqlite:" + url[len(prefix) :]
+
+
+class InlineSessions:
+    """An ``async_sessionmaker`` look-alike whose sessions run synchronously on the caller's thread."""
+
+    def __init__(self, url: str) -> None:
+        self.engine: Engine = create_sync_engine(url, pool_pre_ping=True)
+        event.listen(self.engine, "connect", _sqlite_pragmas)
+        event.listen(self.engine, "connect", _short_busy_timeout)
+        # One inline transaction at a time in this process: two writers on the same thread
+        # must never wait for each other's SQLite lock (that wait would block the loop).
+        self.lock = asyncio.Lock()
+
+    def __call__(self) -> _InlineSession:
+        return _InlineSession(Session(self.engine, expire_on_commit=False), self.lock)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _short_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
+    """Another process holding the write lock blocks this loop while SQLite waits: wait at
+    most :data:`BUSY_TIMEOUT_MS`, then fail the batch (it is retried on the next tick)."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+class _InlineSession:
+    __slots__ = ("_lock", "_session")
+
+    def __init__(self, session: Session, lock: asyncio.Lock) -> None:
+        self._session = session
+        self._lock = lock
+
+    async def __aenter__(self) -> _InlineSession:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._session.close()
+
+    def begin(self) -> _InlineTransaction:
+        return _InlineTransaction(self._session, self._lock)
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return self._session.execute(*args, **kwargs)
+
+    async def scalar(self, *args: Any, **kwargs: Any) -> Any:
+        return self._session.scalar(*args, **kwargs)
+
+    async def connection(self) -> _InlineConnection:
+        return _InlineConnection(self._session.connection())
+
+
+class _InlineTransaction:
+    __slots__ = ("_lock", "_session", "_transaction")
+
+    def __init__(self, session: Session, lock: asyncio.Lock) -> None:
+        self._session = session
+        self._lock = lock
+        self._transaction: SessionTransaction | None = None
+
+    async def __aenter__(self) -> _InlineTransaction:
+        await self._lock.acquire()
+        try:
+            self._transaction = self._session.begin()
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self._transaction is not None:
+                self._transaction.__exit__(exc_type, exc, tb)
+        finally:
+            self._lock.release()
+
+
+class _InlineConnection:
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    @property
+    def dialect(self) -> Any:
+        return self._connection.dialect
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return self._connection.execute(*args, **kwargs)
+
+    async def exec_driver_sql(self, *args: Any, **kwargs: Any) -> Any:
+        return self._connection.exec_driver_sql(*args, **kwargs)
