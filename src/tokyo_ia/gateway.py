@@ -69,6 +69,7 @@ class Gateway:
         # (store/inline.py explains why); elsewhere they use the async engine like the rest.
         inline_url = sync_sqlite_url(config.store.url)
         self.inline_sessions = InlineSessions(inline_url) if inline_url else None
+        self._checkpoints: asyncio.Task[None] | None = None
         books: Any = self.inline_sessions or self.sessions
         self.audit = AuditWriter(books, **config.audit.writer_options()) if config.audit.enabled else None
         self.ledger = SpendLedger(books, **config.ledger.writer_options()) if config.ledger.enabled else None
@@ -120,6 +121,8 @@ class Gateway:
 
     async def start(self) -> None:
         await check_schema(self.db)
+        if self.inline_sessions is not None:
+            self._checkpoints = asyncio.create_task(InlineSessions.checkpoints(self.db))
         if self.audit is not None:
             self.audit.start()
         if self.ledger is not None:
@@ -222,6 +225,10 @@ class Gateway:
         if self.ledger is not None:
             await self.ledger.close()  # likewise: every finished request gets its row
         if self.inline_sessions is not None:
+            if self._checkpoints is not None:
+                self._checkpoints.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._checkpoints
             self.inline_sessions.dispose()
         if self.cache is not None:
             await self.cache.close()  # flushes the shared counters (the client is closed below)

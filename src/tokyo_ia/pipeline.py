@@ -87,6 +87,8 @@ class RequestContext:
     cache: str | None = None
     """``hit``, ``miss`` or ``coalesced`` when the response cache was consulted, else None."""
     cache_control: CacheControl | None = None
+    include_cost: bool = False
+    """The client asked for ``usage.cost_usd`` in the answer (header ``x-tokyo-ia-include-cost``)."""
     request_body: Any = None
     """The request body, kept only for keys with ``log_payloads`` (goes to the audit trail)."""
     response_body: JSON | None = None
@@ -138,6 +140,8 @@ class ChatStream:
     finish: Callable[[RequestContext], Awaitable[None]]
     charge: bool = True
     """False when somebody else pays for these chunks (a cache hit, a coalesced reader)."""
+    price: Callable[[RequestContext], None] | None = None
+    """Prices ``ctx.usage`` into ``ctx.cost_usd``; for ``usage.cost_usd`` when asked for."""
 
     async def chunks(self) -> AsyncGenerator[JSON, None]:
         """The chunks for the client: usage kept for accounting, shown only if asked for."""
@@ -148,6 +152,8 @@ class ChatStream:
                 if "usage" in chunk:
                     if chunk["usage"] is not None and self.charge:
                         self.ctx.usage = chunk["usage"]
+                    if self.include_usage and self.ctx.include_cost and isinstance(chunk["usage"], dict):
+                        chunk = {**chunk, "usage": self._priced(chunk["usage"])}
                     if not self.include_usage:
                         if not chunk.get("choices"):
                             chunk = await anext(self.rest, None)
@@ -160,6 +166,16 @@ class ChatStream:
                 await _aclose(self.rest)
             finally:
                 await self.finish(self.ctx)
+
+    def _priced(self, usage: JSON) -> JSON:
+        if self.charge and self.price is not None:
+            self.price(self.ctx)
+        return with_cost(usage, self.ctx.cost_usd if self.charge else 0.0)
+
+
+def with_cost(usage: JSON, cost_usd: float | None) -> JSON:
+    """A copy of ``usage`` with the gateway's ``cost_usd`` (the answer may be shared: never edit it)."""
+    return {**usage, "cost_usd": round(cost_usd or 0.0, 10)}
 
 
 class Pipeline:
@@ -338,9 +354,13 @@ class Pipeline:
 
     async def chat(self, ctx: RequestContext, body: JSON) -> JSON:
         """A complete answer for a request that went through :meth:`prepare_chat`."""
-        return await self._answer(
+        answer = await self._answer(
             ctx, body, lambda d: d.provider.chat(self._chat_call(ctx, body, d)), cached=self.cache
         )
+        usage = answer.get("usage")
+        if ctx.include_cost and isinstance(usage, dict):
+            answer = {**answer, "usage": with_cost(usage, ctx.cost_usd)}
+        return answer
 
     async def _answer(
         self,
@@ -394,7 +414,7 @@ class Pipeline:
         except BaseException:
             await self._finish(ctx)
             raise
-        return ChatStream(first, rest, wants_usage(body), ctx, self._finish, charge)
+        return ChatStream(first, rest, wants_usage(body), ctx, self._finish, charge, self._cost)
 
     async def embeddings(self, ctx: RequestContext, raw: Any) -> JSON:
         await self.authenticate(ctx)

@@ -6,6 +6,7 @@ import json
 import time
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fakes.openai import OpenAIEmulator
@@ -62,3 +63,30 @@ def test_metrics_match_traffic_and_cost_is_reported(openai_emu: OpenAIEmulator) 
     access = [line for line in lines if line.get("status") == 200]
     assert len(access) == 3
     assert access[0]["model"] == "gpt-4o-mini" and access[0]["tokens_in"] == usage["prompt_tokens"]
+
+
+def test_usage_carries_the_cost_when_the_client_asks_for_it(openai_emu: OpenAIEmulator) -> None:
+    from tokyo_ia.accounting.pricing import PriceTable
+
+    config = {
+        "providers": {"up": openai_provider(openai_emu.url)},
+        "models": {"gpt-4o-mini": [{"provider": "up", "model": "gpt-4o-mini"}]},
+    }
+    body = {"model": "gpt-4o-mini", "messages": USER}
+    ask = {"x-tokyo-ia-include-cost": "true"}
+    prices = PriceTable.load()
+    with GatewayProcess(config) as gw:
+        plain = httpx.post(gw.url + "/v1/chat/completions", json=body).json()
+        assert "cost_usd" not in plain["usage"]  # only when asked: strict clients see OpenAI's shape
+        r = httpx.post(gw.url + "/v1/chat/completions", json=body, headers=ask)
+        usage = r.json()["usage"]
+        expected = float(prices.cost("gpt-4o-mini", {k: v for k, v in usage.items() if k != "cost_usd"}))
+        assert usage["cost_usd"] == pytest.approx(expected) and expected > 0
+        assert float(r.headers["x-tokyo-ia-cost-usd"]) == pytest.approx(expected, abs=1e-8)
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", gw.url + "/v1/chat/completions", json=stream, headers=ask) as s:
+            events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+        last = events[-1]["usage"]
+        usage_only = {k: v for k, v in last.items() if k != "cost_usd"}
+        streamed = float(prices.cost("gpt-4o-mini", usage_only))
+        assert last["cost_usd"] == pytest.approx(streamed) and streamed > 0

@@ -63,6 +63,7 @@ _SECURITY_HEADERS: Headers = [
     (b"referrer-policy", b"no-referrer"),
     (b"content-security-policy", b"default-src 'none'; frame-ancestors 'none'"),
 ]
+_YES = (b"1", b"true", b"yes")
 _HSTS: Headers = [(b"strict-transport-security", b"max-age=31536000")]
 _NONE: Headers = []
 _JSON_HEADERS: Headers = [
@@ -399,6 +400,7 @@ class GatewayApp:
     async def chat_completions(self, request: Request, ctx: RequestContext) -> Reply:
         ctx.propagate = _propagated(request)
         body = await self.pipeline.prepare_chat(ctx, await request.json(), request.headers)
+        ctx.include_cost = request.headers.get(b"x-tokyo-ia-include-cost", b"").lower() in _YES
         if ctx.principal is not None and ctx.principal.log_payloads:
             ctx.request_body = body
         if body.get("stream"):

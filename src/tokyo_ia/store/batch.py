@@ -33,19 +33,23 @@ T = TypeVar("T")
 
 _WARN_EVERY_S = 10.0
 _CLOSE_ATTEMPTS = 3
-SLICE = 100
+SLICE = 25
 """Rows per INSERT statement inside a batch's transaction (see :func:`slices`)."""
 _CATCH_UP = 10
 """A writer that is behind takes up to this many batches' worth of items in one write."""
 
 
-async def slices(items: list[T], size: int = SLICE) -> AsyncIterator[list[T]]:
+async def slices(items: list[T], size: int | None = None) -> AsyncIterator[list[T]]:
     """``items`` in slices of ``size``, letting the event loop run between them.
 
     Turning rows into statement parameters is Python work done on the event loop; a large
     batch in one go would stall every request for milliseconds. Writers insert slice by
     slice inside one transaction, so requests interleave and the batch stays all or nothing.
     """
+    # A writer that is behind hands over big batches (see _take_batch): then it needs its rows
+    # written more than the loop needs short stalls, and each slice costs a loop turn, so a
+    # big batch goes in at most ~8 slices; an ordinary batch in slices of SLICE rows.
+    size = size or max(SLICE, len(items) // 8)
     for start in range(0, len(items), size):
         if start:
             await asyncio.sleep(0)
