@@ -12,7 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -151,6 +151,13 @@ def close_sdk_clients() -> None:
 REDIS_URL = os.environ.get("TOKYO_IA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
+def missing_service(reason: str) -> NoReturn:
+    """A service a test needs is not there: skip loudly, or fail with ``CI=true`` (DESIGN.md)."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{reason} (CI=true: a missing service is a failure, not a skip)", pytrace=False)
+    pytest.skip(f"!!! {reason}")
+
+
 def require_redis() -> str:
     """The test Redis URL; skip loudly when none answers (a failure with ``CI=true``)."""
     import redis
@@ -158,7 +165,5 @@ def require_redis() -> str:
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
     except (redis.RedisError, OSError) as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"Redis not reachable at {REDIS_URL}: {exc} (CI=true)")
-        pytest.skip(f"!!! Redis not reachable at {REDIS_URL}: {exc}")
+        missing_service(f"Redis not reachable at {REDIS_URL}: {exc}")
     return REDIS_URL

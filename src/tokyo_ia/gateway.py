@@ -68,7 +68,8 @@ class Gateway:
         # On SQLite the book-keeping writers run their statements on this loop's thread
         # (store/inline.py explains why); elsewhere they use the async engine like the rest.
         inline_url = sync_sqlite_url(config.store.url)
-        self.inline_sessions = InlineSessions(inline_url) if inline_url else None
+        books_on = config.audit.enabled or config.ledger.enabled
+        self.inline_sessions = InlineSessions(inline_url) if inline_url and books_on else None
         self._checkpoints: asyncio.Task[None] | None = None
         books: Any = self.inline_sessions or self.sessions
         self.audit = AuditWriter(books, **config.audit.writer_options()) if config.audit.enabled else None
@@ -115,8 +116,8 @@ class Gateway:
             metrics=self.metrics,
             cache=self.cache,
             tracer=self.tracer,
+            max_payload_bytes=config.audit.max_payload_bytes,
         )
-        self.pipeline.max_payload_bytes = config.audit.max_payload_bytes
         self.ready = False
 
     async def start(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from .accounting.ledger import SpendLedger, spend_entry
 from .accounting.pricing import PriceTable
-from .cache.keys import CacheControl, HeaderMap
+from .cache.keys import CacheControl, HeaderMap, cache_control, strip_cache_field
 from .cache.layer import ResponseCache
 from .errors import (
     GatewayError,
@@ -179,9 +179,6 @@ def with_cost(usage: JSON, cost_usd: float | None) -> JSON:
 
 
 class Pipeline:
-    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
-    """Cut of each side of a ``log_payloads`` key's audited payload (``audit.max_payload_bytes``)."""
-
     def __init__(
         self,
         authenticator: Authenticator,
@@ -199,7 +196,10 @@ class Pipeline:
         cache: ResponseCache | None = None,
         tracer: Tracer | None = None,
         deadline_s: float = 600.0,
+        max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     ) -> None:
+        """``max_payload_bytes``: cut of each side of a ``log_payloads`` key's audited payload."""
+        self.max_payload_bytes = max_payload_bytes
         self.cache = cache
         self.tracer = tracer or Tracer()
         self.prices = prices or PriceTable.load()
@@ -311,10 +311,8 @@ class Pipeline:
         await self.authenticate(ctx)
         chat = validate_chat(body)
         if self.cache is not None:
-            ctx.cache_control = self.cache.control(chat, headers)
-        if "cache" in chat:
-            chat = {name: value for name, value in chat.items() if name != "cache"}
-        return chat
+            ctx.cache_control = cache_control(chat, headers)
+        return strip_cache_field(chat) if "cache" in chat else chat
 
     async def _admit(self, ctx: RequestContext, body: JSON) -> list[Deployment]:
         """Authorize the model, count the request against its limits, list the candidates.

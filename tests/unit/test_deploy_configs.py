@@ -7,7 +7,6 @@ it these checks skip locally with a loud reason; with ``CI=true`` a missing prom
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support import missing_service
 from tokyo_ia.observability.metrics import METRIC_NAMES, Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,9 +38,7 @@ def promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
         message = "promtool not found: apt-get install -y prometheus (Debian) to check deploy/prometheus"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip("!!! SKIPPED: " + message)
+        missing_service(message)
     return found
 
 

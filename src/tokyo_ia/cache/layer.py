@@ -27,7 +27,7 @@ from ..providers.base import aclose as _aclose
 from ..providers.base import completion_to_chunks
 from .base import JSON, Cache, CachedEntry, assemble_stream
 from .coalesce import Coalescer
-from .keys import DEFAULT_CONTROL, CacheControl, HeaderMap, cache_control, cache_key
+from .keys import DEFAULT_CONTROL, CacheControl, cache_key
 
 if TYPE_CHECKING:
     from ..accounting.pricing import PriceTable
@@ -74,14 +74,19 @@ class ResponseCache:
         self.usd_saved = 0.0
         self._leaders: dict[str, RequestContext] = {}
 
-    def control(self, body: JSON, headers: HeaderMap | None) -> CacheControl:
-        """The request's cache control (body ``cache`` field and headers); 400 on bad values."""
-        return cache_control(body, headers)
-
     def key(self, ctx: RequestContext, body: JSON) -> str:
         principal = ctx.principal
         isolate = principal is not None and (self.per_key or principal.metadata.get("cache_scope") == "key")
         return cache_key(body, key_id=principal.key_id if isolate and principal else None)
+
+    async def _lookup(self, ctx: RequestContext, body: JSON) -> tuple[CacheControl, str, CachedEntry | None]:
+        """The request's control, its key, and the stored entry unless it asked for no-cache."""
+        control = ctx.cache_control or DEFAULT_CONTROL
+        key = self.key(ctx, body)
+        if control.no_cache:
+            return control, key, None
+        entry = await (self._traced_get(key) if self.tracer.enabled else self.backend.get(key))
+        return control, key, entry
 
     # -- complete answers ----------------------------------------------------------------------
 
@@ -93,12 +98,9 @@ class ResponseCache:
         call: Callable[[], Awaitable[JSON]],
     ) -> JSON:
         """The answer to ``body``: from the cache, from an identical call in flight, or ``call()``."""
-        control = ctx.cache_control or DEFAULT_CONTROL
-        key = self.key(ctx, body)
-        if not control.no_cache:
-            entry = await (self._traced_get(key) if self.tracer.enabled else self.backend.get(key))
-            if entry is not None:
-                return self._served(ctx, entry, candidates, "hit")
+        control, key, entry = await self._lookup(ctx, body)
+        if entry is not None:
+            return self._served(ctx, entry, candidates, "hit")
         led = False
 
         async def fetch() -> CachedEntry:
@@ -135,14 +137,11 @@ class ResponseCache:
         its first chunk). ``charge`` is False when somebody else pays: a hit or a reader
         joining another request's stream.
         """
-        control = ctx.cache_control or DEFAULT_CONTROL
-        key = self.key(ctx, body)
-        if not control.no_cache:
-            entry = await (self._traced_get(key) if self.tracer.enabled else self.backend.get(key))
-            if entry is not None:
-                self._served(ctx, entry, candidates, "hit")
-                chunks = completion_to_chunks(entry.response)
-                return chunks[0], _replay(chunks[1:]), False
+        control, key, entry = await self._lookup(ctx, body)
+        if entry is not None:
+            self._served(ctx, entry, candidates, "hit")
+            chunks = completion_to_chunks(entry.response)
+            return chunks[0], _replay(chunks[1:]), False
         led = False
 
         def factory() -> AsyncIterator[JSON]:
