@@ -31,6 +31,21 @@ def connect(url: str, **overrides: Any) -> Redis:
     return Redis.from_url(url, **options)
 
 
+NOW_LUA = """
+local now = tonumber(ARGV[1])
+if now < 0 then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+"""
+"""Lua preamble shared by the scripts: ``ARGV[1]`` is "now" in ms, or -1 for the Redis ``TIME``."""
+
+
+def now_ms(clock: Callable[[], float] | None) -> float:
+    """``ARGV[1]`` for a :data:`NOW_LUA` script: ``clock()`` in ms, or -1 (Redis server time)."""
+    return -1.0 if clock is None else clock() * 1000.0
+
+
 class Outage:
     """What a component does while Redis is away: skip it for a cool-down, warn sparingly.
 

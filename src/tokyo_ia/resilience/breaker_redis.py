@@ -42,7 +42,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..redis_client import Outage, connect
+from ..redis_client import NOW_LUA, Outage, connect, now_ms
 from .breaker import (
     JSON,
     BreakerBoard,
@@ -62,13 +62,9 @@ log = logging.getLogger("tokyo_ia.breaker")
 # min_requests, failure_ratio, consecutive_failures, cooldown_ms, half_open_max, trial_ms, ttl_ms.
 # Returns {allowed, state, state before, ms left open, reason, consec, ok, failed,
 #          ms closed, ms open, ms half_open, ms in current state}.
-_BREAKER_LUA = """
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-local op, pending, member, note = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
+_BREAKER_LUA = (
+    NOW_LUA
+    + """local op, pending, member, note = ARGV[2], tonumber(ARGV[3]), ARGV[4], ARGV[5]
 local window, nslices = tonumber(ARGV[6]), tonumber(ARGV[7])
 local min_req, ratio, consec_max = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
 local cooldown, trial_max, trial_ms = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
@@ -183,6 +179,7 @@ local ok, bad = counts()
 return {allowed, state, before, tostring(left), f['reason'] or '', tonumber(f['consec'] or 0), ok, bad,
   f['t:closed'] or '0', f['t:open'] or '0', f['t:half_open'] or '0', tostring(now - tonumber(f['since']))}
 """
+)
 
 _TTL_FLOOR_S = 600.0
 
@@ -323,13 +320,10 @@ class RedisBreakerBoard:
     async def _success(self, label: str) -> None:
         """Count a closed circuit's success locally (flushed later); otherwise report it now."""
         trial = self._pop_trial(label)
-        if not self.available:
-            self._fallback.get(label).record_success()
-            return
-        if not trial and self.state(label) is State.CLOSED:
+        if self.available and not trial and self.state(label) is State.CLOSED:
             self._pending[label] = self._pending.get(label, 0) + 1
             return
-        await self._op(label, "success", "", member=trial)
+        await self._op(label, "success", "", member=trial)  # the fallback's while Redis is away
 
     async def trip(self, label: str, reason: str) -> None:
         if self.settings.enabled:
@@ -391,8 +385,7 @@ class RedisBreakerBoard:
     async def _call(self, label: str, op: str, note: str = "", member: str = "") -> _Reply | None:
         """One script call; updates the cached view and tells listeners what changed."""
         pending = self._pending.pop(label, 0)
-        now_ms = -1.0 if self._clock is None else self._clock() * 1000
-        args: list[str | int | float] = [now_ms, op, pending, member, note, *self._params]
+        args: list[str | int | float] = [now_ms(self._clock), op, pending, member, note, *self._params]
         try:
             raw = await self._script(keys=[self.key(label), self.key(label) + ":trials"], args=args)
         except RedisError as exc:

@@ -34,7 +34,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from ..redis_client import Outage, connect
+from ..redis_client import NOW_LUA, Outage, connect, now_ms
 from .ratelimit import (
     MAX_DEBT_PERIODS,
     PERIOD_S,
@@ -50,19 +50,10 @@ from .ratelimit import (
 
 log = logging.getLogger("tokyo_ia.ratelimit")
 
-# Shared preamble: ARGV[1] is "now" in ms, or -1 to use the Redis server clock.
-_NOW_LUA = """
-local now = tonumber(ARGV[1])
-if now < 0 then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-end
-"""
-
 # ARGV: now, period_ms, rpm (0 = none), tpm (0 = none), tokens.
 # Returns {allowed, refused (0 none, 1 requests, 2 tokens), reset_r_ms, reset_t_ms, retry_ms or -1}.
 _ACQUIRE_LUA = (
-    _NOW_LUA
+    NOW_LUA
     + """
 local period = tonumber(ARGV[2])
 local rpm, tpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
@@ -94,7 +85,7 @@ return {1, 0, tostring(new_r - now), tostring(new_t - now), '-1'}
 
 # ARGV: now, period_ms, tpm, tokens, max_debt_ms. Mirrors ratelimit.charge.
 _CHARGE_LUA = (
-    _NOW_LUA
+    NOW_LUA
     + """
 local period, tpm, tokens = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local tat = math.max(tonumber(redis.call('HGET', KEYS[1], 't')) or now, now)
@@ -108,7 +99,7 @@ return 1
 
 # ARGV: now, lease_ms, max_parallel, member. Returns {admitted, in_flight, ms until a lease ends}.
 _SLOT_LUA = (
-    _NOW_LUA
+    NOW_LUA
     + """
 local lease = tonumber(ARGV[2])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
@@ -125,7 +116,7 @@ return {1, n + 1, '0'}
 
 # ARGV: now, lease_ms, member. Extends a held lease; returns 0 if it had already expired.
 _RENEW_LUA = (
-    _NOW_LUA
+    NOW_LUA
     + """
 if not redis.call('ZSCORE', KEYS[1], ARGV[3]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
@@ -182,13 +173,10 @@ class RedisRateLimiter:
     def key(self, scope: str) -> str:
         return f"{self.key_prefix}{{{scope}}}"
 
-    def _now_ms(self) -> float:
-        return -1.0 if self._clock is None else self._clock() * 1000.0
-
     async def acquire(self, scope: str, limits: Limits, tokens: int = 0) -> Decision:
         if not limits.metered or not self.available:
             return unmetered(scope)
-        args = [self._now_ms(), _PERIOD_MS, limits.rpm or 0, limits.tpm or 0, max(tokens, 0)]
+        args = [now_ms(self._clock), _PERIOD_MS, limits.rpm or 0, limits.tpm or 0, max(tokens, 0)]
         try:
             raw = await self._acquire(keys=[self.key(scope)], args=args)
         except RedisError as exc:
@@ -207,7 +195,7 @@ class RedisRateLimiter:
     async def add_tokens(self, scope: str, limits: Limits, tokens: int) -> None:
         if limits.tpm is None or tokens == 0 or not self.available:
             return
-        args = [self._now_ms(), _PERIOD_MS, limits.tpm, tokens, MAX_DEBT_PERIODS * _PERIOD_MS]
+        args = [now_ms(self._clock), _PERIOD_MS, limits.tpm, tokens, MAX_DEBT_PERIODS * _PERIOD_MS]
         try:
             await self._charge(keys=[self.key(scope)], args=args)
         except RedisError as exc:
@@ -218,8 +206,8 @@ class RedisRateLimiter:
 
     async def in_flight(self, scope: str) -> int:
         """Slots currently held for ``scope`` (expired leases not counted)."""
-        now_ms = time.time() * 1000 if self._clock is None else self._clock() * 1000
-        return int(await self.client.zcount(self.key(scope) + ":par", f"({now_ms}", "+inf"))
+        now = time.time() * 1000 if self._clock is None else self._clock() * 1000
+        return int(await self.client.zcount(self.key(scope) + ":par", f"({now}", "+inf"))
 
     async def close(self) -> None:
         """Wait for pending slot releases, then close the pool if this limiter opened it."""
@@ -253,7 +241,9 @@ class _RedisSlot:
             return
         lease_ms = lim.lease_s * 1000
         try:
-            raw = await lim._slot(keys=[self._key], args=[lim._now_ms(), lease_ms, self._max, self._member])
+            raw = await lim._slot(
+                keys=[self._key], args=[now_ms(lim._clock), lease_ms, self._max, self._member]
+            )
         except RedisError as exc:
             lim._failed(exc)
             return
@@ -276,7 +266,9 @@ class _RedisSlot:
         while True:
             await asyncio.sleep(lim.lease_s / 3)
             try:
-                await lim._renew(keys=[self._key], args=[lim._now_ms(), lim.lease_s * 1000, self._member])
+                await lim._renew(
+                    keys=[self._key], args=[now_ms(lim._clock), lim.lease_s * 1000, self._member]
+                )
             except RedisError as exc:
                 lim._failed(exc)
 
