@@ -126,7 +126,7 @@ def _to_row(event: AuditEvent) -> Row:
     the precision both backends keep.
     """
     row: Row = {
-        "ts": event.ts if event.ts.tzinfo else event.ts.replace(tzinfo=UTC),
+        "ts": (event.ts if event.ts.tzinfo else event.ts.replace(tzinfo=UTC)).astimezone(UTC),
         "action": event.action[: _WIDTHS["action"]],
         "detail": _json_detail(event.detail),
     }
@@ -135,7 +135,6 @@ def _to_row(event: AuditEvent) -> Row:
         row[name] = None if value is None else str(value)[: _WIDTHS[name]]
     for name in _INTS:
         row[name] = _clamp(getattr(event, name))
-    row["ts"] = row["ts"].astimezone(UTC)
     return row
 
 

@@ -14,7 +14,7 @@ import orjson
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from ..store.cli import database_command
+from ..store.cli import database_command, format_table
 from ..store.models import AuditEntry
 from .audit import verify
 
@@ -63,13 +63,7 @@ def _cells(e: AuditEntry) -> tuple[str, ...]:
 
 
 def render_table(entries: list[AuditEntry]) -> str:
-    if not entries:
-        return "no audit records"
-    rows = [_COLUMNS, *(_cells(e) for e in entries)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    return format_table(_COLUMNS, [_cells(e) for e in entries], "no audit records")
 
 
 async def _tail(sessions: async_sessionmaker[AsyncSession], args: argparse.Namespace) -> int:

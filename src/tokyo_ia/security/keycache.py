@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from .auth import Principal, digest
-from .keys import KeyRecord, KeyService, looks_like_key, principal_for, refusal
+from .keys import KeyRecord, KeyService, looks_like_key, principal_for, refusal, verdict
 
 V = TypeVar("V")
 
@@ -88,10 +88,7 @@ class KeyCache:
             self.hits += 1
             return None
         self.misses += 1
-        record = await self._fetch(key_hash)
-        if record is None:
-            return None
-        return _check(_Entry(0.0, record, principal_for(record)))
+        return verdict(await self._fetch(key_hash))
 
     def invalidate(self, key_hash: str) -> None:
         """Forget one key (by digest); the next use reads the database."""

@@ -188,7 +188,8 @@ def _models(field_name: str, value: Any) -> list[str]:
                 f"{pattern!r} is not a model glob; use letters, digits, . _ : / @ + = ~ - "
                 "and the wildcards * ? [...]",
             )
-        if _BRACKETS.sub("", pattern).count("[") or _BRACKETS.sub("", pattern).count("]"):
+        rest = _BRACKETS.sub("", pattern)
+        if "[" in rest or "]" in rest:
             raise _bad(field_name, f"{pattern!r} has an unbalanced '[' or ']'")
     return list(value)
 
@@ -290,6 +291,16 @@ def refusal(record: KeyRecord, now: datetime | None = None) -> AuthenticationErr
     return None
 
 
+def verdict(record: KeyRecord | None) -> Principal | None:
+    """The caller behind ``record``; ``None`` for no record; raises :func:`refusal`'s error."""
+    if record is None:
+        return None
+    error = refusal(record)
+    if error is not None:
+        raise error
+    return principal_for(record)
+
+
 # ---------------------------------------------------------------------------------------
 # Service
 
@@ -365,8 +376,6 @@ class KeyService:
                 code="invalid_key_field",
             )
         values = validate_fields(fields, UPDATABLE)
-        if "name" in values and values["name"] is None:
-            raise _bad("name", "must be a non-empty string")
         async with self._sessions.begin() as session:
             row = await _load(session, key_id)
             if row.revoked_at is not None:
@@ -427,7 +436,7 @@ class KeyService:
         if not looks_like_key(plaintext):
             return None
         record = await self.lookup(digest(plaintext))
-        return _verdict(record)
+        return verdict(record)
 
     async def list(
         self,
@@ -462,15 +471,6 @@ class KeyService:
         )
         async with self._sessions() as session:
             return int((await session.execute(query)).scalar_one())
-
-
-def _verdict(record: KeyRecord | None) -> Principal | None:
-    if record is None:
-        return None
-    error = refusal(record)
-    if error is not None:
-        raise error
-    return principal_for(record)
 
 
 def _new_row(

@@ -227,15 +227,20 @@ def _row(r: KeyRecord) -> tuple[str, ...]:
     )
 
 
+def format_table(columns: tuple[str, ...], rows: Sequence[tuple[str, ...]], empty: str) -> str:
+    """``rows`` under ``columns`` in left-aligned columns for a terminal; ``empty`` if no rows."""
+    if not rows:
+        return empty
+    table = [columns, *rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table
+    )
+
+
 def render_table(records: Sequence[KeyRecord]) -> str:
     """Aligned columns for a terminal (names cannot hold control characters: see keys.py)."""
-    if not records:
-        return "no keys"
-    rows = [_COLUMNS, *(_row(r) for r in records)]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(_COLUMNS))]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows
-    )
+    return format_table(_COLUMNS, [_row(r) for r in records], "no keys")
 
 
 # -- parser -----------------------------------------------------------------------------
