@@ -92,20 +92,16 @@ def parse_time(text: str, name: str, *, end: bool = False) -> datetime:
             return start + timedelta(days=1) if end else start
         moment = datetime.fromisoformat(text)
     except ValueError:
-        raise InvalidRequestError(
-            f"{name}: {text!r} is not a date; use YYYY-MM-DD or an ISO 8601 time like 2025-01-31T12:00:00Z",
-            param=name,
-            code="invalid_query",
+        raise _bad(
+            name, f"{text!r} is not a date; use YYYY-MM-DD or an ISO 8601 time like 2025-01-31T12:00:00Z"
         ) from None
     return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def check_window(since: datetime | None, until: datetime | None) -> None:
     if since is not None and until is not None and until <= since:
-        raise InvalidRequestError(
-            f"until: {until.isoformat()} is not after since ({since.isoformat()}); swap or widen them",
-            param="until",
-            code="invalid_query",
+        raise _bad(
+            "until", f"{until.isoformat()} is not after since ({since.isoformat()}); swap or widen them"
         )
 
 

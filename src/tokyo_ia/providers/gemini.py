@@ -34,7 +34,7 @@ from ..config import ProviderConfig
 from ..errors import InvalidRequestError, UnsupportedError, UpstreamError
 from .base import JSON, ChatCall, EmbedCall
 from .gemini_translate import StreamTranslator, from_gemini_response, to_gemini_request
-from .http import HTTPProvider, error_for_status, parse_retry_after
+from .http import HTTPProvider, auth_error, error_for_status, parse_retry_after
 
 _AUTH_REASONS = frozenset({"API_KEY_INVALID", "API_KEY_EXPIRED", "API_KEY_SERVICE_BLOCKED"})
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
@@ -152,13 +152,7 @@ class GeminiProvider(HTTPProvider):
     def _error(self, status: int, headers: Mapping[str, str], body: bytes) -> UpstreamError:
         message, code, details = _google_error(body)
         if any(d.get("reason") in _AUTH_REASONS for d in details):
-            return UpstreamError(
-                f"provider '{self.name}' returned {status}: {message} (the gateway's credentials for "
-                f"'{self.name}' were refused; check providers.{self.name}.api_key)",
-                provider=self.name,
-                upstream_status=status,
-                code="upstream_auth_failed",
-            )
+            return auth_error(self.name, status, message)
         retry_after = parse_retry_after(headers)
         if retry_after is None:
             retry_after = _retry_delay(details)

@@ -504,11 +504,4 @@ class StreamTranslator:
         return chunks
 
     def usage_chunk(self) -> JSON:
-        return {
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [],
-            "usage": usage_from(self._usage),
-        }
+        return {**self._chunk(0, {}), "choices": [], "usage": usage_from(self._usage)}

@@ -85,13 +85,7 @@ def error_for_status(
             text, provider=provider, upstream_status=status, retry_after=retry_after, code=code
         )
     if status in (401, 403):
-        return UpstreamError(
-            f"{text} (the gateway's credentials for '{provider}' were refused; "
-            f"check providers.{provider}.api_key)",
-            provider=provider,
-            upstream_status=status,
-            code="upstream_auth_failed",
-        )
+        return auth_error(provider, status, message)
     if status == 404:
         return UpstreamError(
             f"{text} (check the model name of this deployment in the models section)",
@@ -108,6 +102,17 @@ def error_for_status(
         retryable=status in RETRYABLE_STATUSES,
         retry_after=retry_after,
         code=code or "upstream_error",
+    )
+
+
+def auth_error(provider: str, status: int, message: str) -> UpstreamError:
+    """The upstream refused the gateway's own credentials: the operator's problem, not the caller's."""
+    return UpstreamError(
+        f"provider '{provider}' returned {status}: {message} (the gateway's credentials for "
+        f"'{provider}' were refused; check providers.{provider}.api_key)",
+        provider=provider,
+        upstream_status=status,
+        code="upstream_auth_failed",
     )
 
 
@@ -371,7 +376,7 @@ class HTTPProvider(Provider):
     @contextlib.asynccontextmanager
     async def _sse(self, path: str, payload: JSON, call: Call) -> AsyncIterator[AsyncIterator[SSEEvent]]:
         """Open a streamed POST and hand back its events; an error status raises first."""
-        headers = {**self._headers_for(call.headers), "accept": "text/event-stream"}
+        headers = {**self._headers, **call.headers, "accept": "text/event-stream"}
         async with self.http.open_stream(
             path, payload=payload, headers=headers, remaining=call.remaining()
         ) as resp:
