@@ -1,14 +1,12 @@
 """Upstream HTTP transport shared by the HTTP providers.
 
-One :class:`aiohttp.ClientSession` per provider per process, each with its own connector
-(pool limit, keep-alive) and timeouts from the provider's config. aiohttp exceptions are
-converted into the gateway's exception tree here, where they enter, so no other module
-needs to know aiohttp.
+One connection pool (:class:`.wire.Pool`) per provider per process, with its limit,
+keep-alive and timeouts from the provider's config. The client's exceptions are converted
+into the gateway's exception tree here, where they enter, so no other module knows them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import email.utils
 import time
@@ -17,20 +15,18 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import aiohttp
 import orjson
 
 from ..config import ProviderConfig
 from ..errors import (
+    ConfigError,
     UpstreamBadRequestError,
     UpstreamError,
     UpstreamRateLimitError,
     UpstreamTimeoutError,
 )
 from .base import JSON, Call, CheckResult, PoolStats, Provider
-
-_DEADLINE_SLACK_S = 1.0
-"""A deadline this close to the provider's own timeout uses the session's timeout object."""
+from .wire import ConnectError, Pool, Response, WireError, encode_headers
 
 # Statuses after which another attempt (or another deployment) may succeed.
 RETRYABLE_STATUSES = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 529})
@@ -117,79 +113,56 @@ def auth_error(provider: str, status: int, message: str) -> UpstreamError:
 
 
 class HTTPTransport:
-    """A pooled HTTP client for one provider."""
+    """The connection pool of one provider, and the conversion of transport failures into the
+    gateway's errors (:mod:`.wire` is the client; no other module sees its exceptions)."""
 
     def __init__(self, provider: str, config: ProviderConfig, base_url: str) -> None:
         self.provider = provider
         self.config = config
         self.base_url = base_url.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: Pool | None = None
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._pool is not None:
             return
         cfg = self.config
-        connector = aiohttp.TCPConnector(
+        self._pool = Pool(
+            self.base_url,
             limit=cfg.max_connections,
-            keepalive_timeout=cfg.keepalive_s if cfg.keepalive_s > 0 else None,
-            force_close=cfg.keepalive_s == 0,
-            enable_cleanup_closed=True,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=cfg.timeout_s, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
-            ),
-            json_serialize=lambda o: orjson.dumps(o).decode(),
-            auto_decompress=True,
-            skip_auto_headers=("User-Agent",),
+            keepalive_s=cfg.keepalive_s,
+            connect_timeout_s=cfg.connect_timeout_s,
+            read_timeout_s=cfg.read_timeout_s,
         )
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def pool(self) -> PoolStats | None:
-        """Connections in use and idle, read from the connector (aiohttp has no public counter
-        for them, so this reads its bookkeeping and reports 0 if that ever changes)."""
-        if self._session is None:
-            return None
-        connector = self._session.connector
-        if connector is None:
-            return None
-        active = len(getattr(connector, "_acquired", ()))
-        idle = sum(len(conns) for conns in getattr(connector, "_conns", {}).values())
-        return PoolStats(active, idle, connector.limit)
+        """Connections in use and idle, and the pool's size."""
+        return self._pool.stats() if self._pool is not None else None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        if self._session is None:
+    def connections(self) -> Pool:
+        if self._pool is None:
             raise RuntimeError(f"provider '{self.provider}' was used before start()")
-        return self._session
+        return self._pool
 
-    def _timeout(self, remaining: float | None) -> aiohttp.ClientTimeout:
-        """The session's timeouts, with the total capped by the request's deadline.
+    def _timeout(self, remaining: float | None) -> float:
+        """The provider's total timeout, capped by what is left of the request's deadline."""
+        timeout = self.config.timeout_s
+        return timeout if remaining is None else max(0.001, min(timeout, remaining))
 
-        (Never ``None``: aiohttp reads an explicit ``timeout=None`` as "no timeout at all".)
-        """
-        session_timeout = self.session.timeout
-        if remaining is None or remaining >= self.config.timeout_s - _DEADLINE_SLACK_S:
-            return session_timeout  # the usual case: no new object per call
-        return aiohttp.ClientTimeout(
-            total=max(0.001, remaining),
-            sock_connect=min(self.config.connect_timeout_s, max(0.001, remaining)),
-            sock_read=self.config.read_timeout_s,
-        )
-
-    def _convert(self, exc: BaseException, url: str) -> UpstreamError:
+    def _convert(self, exc: BaseException) -> UpstreamError:
         where = f"provider '{self.provider}' at {self.base_url}"
-        if isinstance(exc, asyncio.TimeoutError | aiohttp.ServerTimeoutError):
+        if isinstance(exc, TimeoutError):
             return UpstreamTimeoutError(
-                f"{where} did not answer in time; raise providers.{self.provider}.timeout_s or try again",
+                f"{where} did not answer in time ({exc}); raise providers.{self.provider}.timeout_s "
+                "or try again",
                 provider=self.provider,
             )
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, ConnectError):
             return UpstreamError(
                 f"cannot connect to {where}: {exc.os_error or exc}; check that it is running "
                 f"and that providers.{self.provider}.base_url is right",
@@ -198,7 +171,7 @@ class HTTPTransport:
                 code="upstream_unreachable",
             )
         return UpstreamError(
-            f"connection to {where} failed: {type(exc).__name__}: {exc}",
+            f"connection to {where} failed: {exc}",
             provider=self.provider,
             retryable=True,
             code="upstream_connection_error",
@@ -207,7 +180,7 @@ class HTTPTransport:
     async def check(
         self,
         path: str,
-        headers: Mapping[str, str],
+        headers: bytes,
         to_error: Callable[[int, Mapping[str, str], bytes], UpstreamError],
     ) -> CheckResult:
         """GET a listing endpoint: proves reachability and credentials, spends no tokens."""
@@ -231,20 +204,27 @@ class HTTPTransport:
         path: str,
         *,
         payload: Any = None,
-        headers: Mapping[str, str] | None = None,
+        headers: bytes = b"",
         remaining: float | None = None,
     ) -> tuple[int, Mapping[str, str], bytes]:
-        """Send a request and read the whole body. Raises only UpstreamError subclasses."""
-        url = self.base_url + path
+        """Send a request and read the whole body. Raises only UpstreamError subclasses.
+
+        ``headers``: :func:`~.wire.encode_headers` lines.
+        """
         data = orjson.dumps(payload) if payload is not None else None
         try:
-            async with self.session.request(
-                method, url, data=data, headers=headers, timeout=self._timeout(remaining)
-            ) as resp:
+            resp = await self.connections.request(
+                method, path, headers, data, within_s=self._timeout(remaining)
+            )
+            try:
                 body = await resp.read()
-                return resp.status, resp.headers, body
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._convert(exc, url) from exc
+            except BaseException:
+                resp.close()
+                raise
+            resp.release()
+            return resp.status, resp.headers, body
+        except WireError as exc:
+            raise self._convert(exc) from exc
 
     @contextlib.asynccontextmanager
     async def open_stream(
@@ -252,21 +232,20 @@ class HTTPTransport:
         path: str,
         *,
         payload: Any,
-        headers: Mapping[str, str] | None = None,
+        headers: bytes = b"",
         remaining: float | None = None,
-    ) -> AsyncIterator[aiohttp.ClientResponse]:
+    ) -> AsyncIterator[Response]:
         """POST and hand back the open response; leaving the block releases the connection.
 
         If the block is left early (client gone, error), the connection is closed rather
         than returned to the pool, so an abandoned upstream stream stops at once.
         """
-        url = self.base_url + path
         try:
-            resp = await self.session.post(
-                url, data=orjson.dumps(payload), headers=headers, timeout=self._timeout(remaining)
+            resp = await self.connections.request(
+                "POST", path, headers, orjson.dumps(payload), within_s=self._timeout(remaining)
             )
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._convert(exc, url) from exc
+        except WireError as exc:
+            raise self._convert(exc) from exc
         finished = False
         try:
             yield resp
@@ -277,12 +256,19 @@ class HTTPTransport:
             else:
                 resp.close()
 
-    async def sse_events(self, resp: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    async def read(self, resp: Response) -> bytes:
+        """The rest of an open response's body (an error answer's, say)."""
+        try:
+            return await resp.read()
+        except WireError as exc:
+            raise self._convert(exc) from exc
+
+    async def sse_events(self, resp: Response) -> AsyncIterator[SSEEvent]:
         """Parse a ``text/event-stream`` body into events (per the WHATWG SSE rules)."""
         event = ""
         data: list[str] = []
         try:
-            async for raw in resp.content:
+            async for raw in resp.iter_lines():
                 line = raw.decode("utf-8").rstrip("\r\n")
                 if not line:
                     if data:
@@ -300,8 +286,8 @@ class HTTPTransport:
                     event = value
             if data:
                 yield SSEEvent(event or "message", "\n".join(data))
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise self._convert(exc, self.base_url) from exc
+        except WireError as exc:
+            raise self._convert(exc) from exc
 
 
 class HTTPProvider(Provider):
@@ -318,10 +304,19 @@ class HTTPProvider(Provider):
     def __init__(self, name: str, config: ProviderConfig) -> None:
         super().__init__(name, config)
         self.http = HTTPTransport(name, config, self._base_url(config))
-        headers = {"content-type": "application/json", "accept": "application/json"}
+        headers = {
+            "content-type": "application/json",
+            "accept": "application/json",
+            "accept-encoding": "identity",
+        }
         headers.update(self._auth_headers(config))
         headers.update({k.lower(): v for k, v in config.headers.items()})
         self._headers = headers
+        try:  # encoded once: a call only adds its own few (trace context)
+            self._head = encode_headers(headers)
+            self._sse_head = encode_headers({**headers, "accept": "text/event-stream"})
+        except ValueError as exc:
+            raise ConfigError(f"providers.{name}.headers: {exc}") from None
 
     def _base_url(self, config: ProviderConfig) -> str:
         return config.base_url or self.default_base_url
@@ -347,8 +342,17 @@ class HTTPProvider(Provider):
     def pool(self) -> PoolStats | None:
         return self.http.pool()
 
-    def _headers_for(self, extra: Mapping[str, str]) -> dict[str, str]:
-        return {**self._headers, **extra} if extra else self._headers
+    def _head_for(self, extra: Mapping[str, str], *, sse: bool = False) -> bytes:
+        """The request's header lines: the fixed ones plus the call's (which win a clash)."""
+        head = self._sse_head if sse else self._head
+        if not extra:
+            return head
+        if self._headers.keys() & extra.keys():
+            merged = {**self._headers, **extra}
+            if sse:
+                merged["accept"] = "text/event-stream"
+            return encode_headers(merged)
+        return head + encode_headers(extra)
 
     def _decode(self, body: bytes) -> JSON:
         """A response body that must be a JSON object; anything else is the upstream's fault."""
@@ -367,7 +371,7 @@ class HTTPProvider(Provider):
     async def _post(self, path: str, payload: JSON, call: Call) -> JSON:
         """POST within the call's deadline; an error status raises, a success is decoded."""
         status, headers, body = await self.http.request_json(
-            "POST", path, payload=payload, headers=self._headers_for(call.headers), remaining=call.remaining()
+            "POST", path, payload=payload, headers=self._head_for(call.headers), remaining=call.remaining()
         )
         if status >= 400:
             raise self._error(status, headers, body)
@@ -376,12 +380,12 @@ class HTTPProvider(Provider):
     @contextlib.asynccontextmanager
     async def _sse(self, path: str, payload: JSON, call: Call) -> AsyncIterator[AsyncIterator[SSEEvent]]:
         """Open a streamed POST and hand back its events; an error status raises first."""
-        headers = {**self._headers, **call.headers, "accept": "text/event-stream"}
+        headers = self._head_for(call.headers, sse=True)
         async with self.http.open_stream(
             path, payload=payload, headers=headers, remaining=call.remaining()
         ) as resp:
             if resp.status >= 400:
-                raise self._error(resp.status, resp.headers, await resp.read())
+                raise self._error(resp.status, resp.headers, await self.http.read(resp))
             yield self.http.sse_events(resp)
 
     def _check_path(self) -> str:
@@ -389,4 +393,4 @@ class HTTPProvider(Provider):
 
     async def check(self) -> CheckResult:
         """List models: proves reachability and credentials, spends no tokens."""
-        return await self.http.check(self._check_path(), self._headers, self._error)
+        return await self.http.check(self._check_path(), self._head, self._error)
