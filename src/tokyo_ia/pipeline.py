@@ -54,7 +54,6 @@ from .providers.base import aclose as _aclose
 from .resilience.admission import Admission, Admitted
 from .resilience.health import HealthMonitor
 from .resilience.ratelimit import ProviderThrottle
-from .resilience.ratelimit import headers as ratelimit_headers
 from .resilience.retry import RetryPolicy
 from .routing.catalog import Catalog, Deployment
 from .schema.chat import validate_chat, validate_embeddings, wants_usage
@@ -105,8 +104,8 @@ class RequestContext:
             headers.append((b"x-tokyo-ia-cost-usd", b"%.8f" % self.cost_usd))
         if self.cache is not None:
             headers.append((b"x-tokyo-ia-cache", self.cache.encode()))
-        if self.admitted is not None and self.admitted.decision is not None:
-            headers.extend(ratelimit_headers(self.admitted.decision))
+        if self.admitted is not None:
+            headers.extend(self.admitted.headers())
         return headers
 
     def span_attributes(self) -> dict[str, AttrValue]:

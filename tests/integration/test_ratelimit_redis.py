@@ -20,6 +20,8 @@ from tests.integration.conftest_redis import (
 from tests.support import FakeClock
 from tokyo_ia.errors import RateLimitError
 from tokyo_ia.resilience import Decision, Limits, MemoryRateLimiter, RedisRateLimiter
+from tokyo_ia.resilience.admission import Admission
+from tokyo_ia.security.auth import Principal
 
 
 @pytest.fixture
@@ -76,6 +78,28 @@ async def test_same_decisions_as_the_memory_backend(redis_client: Redis, prefix:
         expected = await memory.acquire("key:a", limits, tokens)
         got = await redis_rl.acquire("key:a", limits, tokens)
         assert _comparable(got) == _comparable(expected), (advance, tokens)
+
+
+async def test_admission_gives_the_same_answers_as_with_memory(redis_client: Redis, prefix: str) -> None:
+    """Admission awaits Redis scope by scope; with memory it uses plain calls: same results."""
+    clock = FakeClock()
+    memory = Admission(MemoryRateLimiter(clock=clock), Limits(rpm=4))
+    shared = Admission(RedisRateLimiter(redis_client, key_prefix=prefix, clock=clock), Limits(rpm=4))
+    keys = [Principal("a", "a", rpm=3, tpm=1000), Principal("b", "b")]
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}]}
+    for i in range(10):
+        clock.now += 4 * (i % 3)
+        answers: list[object] = []
+        for admission in (memory, shared):
+            try:
+                admitted = await admission.admit(keys[i % 2], body)
+            except RateLimitError as exc:
+                answers.append((exc.message, exc.headers))
+            else:
+                answers.append(admitted.headers())
+                await admitted.release()
+                await admission.settle(admitted, {"total_tokens": admitted.tokens + 150})
+        assert answers[0] == answers[1], i
 
 
 async def test_limits_and_retry_after(limiter: RedisRateLimiter) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support import FakeClock
 from tokyo_ia.errors import RateLimitError
 from tokyo_ia.resilience.admission import Admission
-from tokyo_ia.resilience.ratelimit import Limits, MemoryRateLimiter
+from tokyo_ia.resilience.ratelimit import Limits, MemoryRateLimiter, headers
 from tokyo_ia.security.auth import Principal
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}]}
@@ -39,3 +40,70 @@ async def test_provider_tpm_asks_for_an_estimate_and_parallel_slots_are_released
     await first.release()
     second = await admission.admit(Principal("k4", "d"), BODY)
     await second.release()
+
+
+class _Refusals:
+    def __init__(self) -> None:
+        self.scopes: list[str] = []
+
+    def observe_rate_limited(self, scope: str) -> None:
+        self.scopes.append(scope)
+
+
+async def test_headers_come_from_the_key_and_match_its_decision() -> None:
+    """The plain-call path builds no Decision until asked; both routes give the same headers."""
+    admission = Admission(MemoryRateLimiter(clock=FakeClock()), Limits(rpm=100))
+    admitted = await admission.admit(Principal("k5", "e", rpm=10, tpm=1000), BODY)
+    sent = admitted.headers()
+    assert admitted.decision is not None and admitted.decision.scope == "key:k5"
+    assert sent == headers(admitted.decision)
+    assert dict(sent)[b"x-ratelimit-remaining-requests"] == b"9"
+    assert dict(sent)[b"x-ratelimit-remaining-tokens"] == b"%d" % (1000 - admitted.tokens)
+    unmetered_key = await admission.admit(Principal("k6", "f"), BODY)  # the global limit's headers
+    assert unmetered_key.decision is not None and unmetered_key.decision.scope == "global"
+    assert dict(unmetered_key.headers())[b"x-ratelimit-remaining-requests"] == b"98"
+    nothing = await Admission(MemoryRateLimiter(), Limits()).admit(Principal("k7", "g"), BODY)
+    assert nothing.headers() == []
+
+
+async def test_refusals_counted_by_scope_and_the_key_still_charged_when_global_refuses() -> None:
+    refusals = _Refusals()
+    limiter = MemoryRateLimiter(clock=FakeClock())
+    admission = Admission(limiter, Limits(rpm=2), metrics=refusals)  # type: ignore[arg-type]
+    key = Principal("k8", "h", rpm=1)
+    await admission.admit(key, BODY)
+    with pytest.raises(RateLimitError, match="API key 'k8'"):
+        await admission.admit(key, BODY)
+    await admission.admit(Principal("k9", "i", rpm=5), BODY)
+    other = Principal("k10", "j", rpm=5)
+    with pytest.raises(RateLimitError, match="global limit") as info:
+        await admission.admit(other, BODY)
+    assert info.value.retry_after == pytest.approx(30.0)
+    assert refusals.scopes == ["key", "global"]
+    # Scopes are checked one after the other: the key's request was counted before the refusal.
+    assert (await limiter.acquire("key:k10", Limits(rpm=5))).remaining_requests == 3
+
+
+async def test_an_edited_key_gets_its_new_limits() -> None:
+    """Per-key limits are kept per Principal; the key cache hands out a new one after an edit."""
+    clock = FakeClock()
+    admission = Admission(MemoryRateLimiter(clock=clock), Limits())
+    before = await admission.admit(Principal("k11", "k", rpm=1), BODY)
+    assert before.decision is not None and before.decision.limit_requests == 1
+    clock.advance(60)
+    after = await admission.admit(Principal("k11", "k", rpm=50), BODY)
+    assert after.decision is not None and after.decision.limit_requests == 50
+
+
+async def test_settle_charges_the_real_usage_to_every_tpm_scope() -> None:
+    limiter = MemoryRateLimiter(clock=FakeClock())
+    admission = Admission(limiter, Limits(tpm=10_000))
+    admitted = await admission.admit(Principal("k12", "l", rpm=10, tpm=1000), BODY)
+    await admitted.release()
+    await admission.settle(admitted, {"total_tokens": admitted.tokens + 500})
+    used = admitted.tokens + 500
+    key = await limiter.acquire("key:k12", Limits(rpm=10, tpm=1000))
+    assert key.remaining_tokens == 1000 - used
+    assert (await limiter.acquire("global", Limits(tpm=10_000))).remaining_tokens == 10_000 - used
+    await admission.settle(admitted, None)  # no usage reported: the estimate stands
+    assert (await limiter.acquire("global", Limits(tpm=10_000))).remaining_tokens == 10_000 - used

@@ -20,6 +20,7 @@ from tokyo_ia.resilience import (
     headers,
     rate_limit_error,
 )
+from tokyo_ia.resilience.ratelimit import Meter
 
 
 @pytest.fixture
@@ -212,7 +213,18 @@ async def test_parallel_none_is_unlimited(limiter: MemoryRateLimiter) -> None:
 
 @pytest.mark.parametrize(
     ("seconds", "text"),
-    [(0, "0s"), (0.02, "20ms"), (0.0001, "1ms"), (1, "1s"), (8.64, "8.64s"), (360, "6m0s"), (3723, "1h2m3s")],
+    [
+        (0, "0s"),
+        (0.02, "20ms"),
+        (0.0001, "1ms"),
+        (0.9996, "1000ms"),
+        (1, "1s"),
+        (8.64, "8.64s"),
+        (59.9996, "1m0s"),
+        (61.5, "1m1.5s"),
+        (360, "6m0s"),
+        (3723, "1h2m3s"),
+    ],
 )
 def test_format_duration_matches_openai(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
@@ -245,6 +257,22 @@ async def test_error_says_which_limit_and_when(limiter: MemoryRateLimiter) -> No
     assert error.headers["x-ratelimit-remaining-requests"] == "0"
 
 
+async def test_plain_calls_match_the_coroutines(clock: FakeClock) -> None:
+    """``take``/``charge_tokens`` (admission's hot path) share the state and the arithmetic."""
+    a, b = MemoryRateLimiter(clock=clock), MemoryRateLimiter(clock=clock)
+    limits = Limits(rpm=4, tpm=1000)
+    meter = Meter("key:m", limits)
+    for tokens, charged in [(100, 0), (300, 400), (50, -100), (10, 0), (900, 0), (1, 0)]:
+        expected = await a.acquire("key:m", limits, tokens)
+        outcome = b.take("key:m", limits, tokens)
+        assert meter.decision(tokens, outcome) == expected
+        assert meter.headers(outcome) == headers(expected)
+        await a.add_tokens("key:m", limits, charged)
+        b.charge_tokens("key:m", limits, charged)
+        clock.advance(2)
+    assert not expected.allowed  # the sequence did reach a refusal
+
+
 def test_error_for_global_token_limit() -> None:
     decision = Decision(
         allowed=False,
@@ -275,6 +303,8 @@ def test_estimate_tokens() -> None:
     assert estimate_tokens(chat) == 101 + 8
     assert estimate_tokens({"input": ["abcd", "efgh"]}) == 2
     assert estimate_tokens({"input": [[1, 2, 3]]}) == 3
+    odd = {"messages": ["text", None, {"content": None}, {"content": "abcd"}]}
+    assert estimate_tokens(odd) == 1 + 16  # only message contents count, every message costs 4
 
 
 # -- provider throttle -----------------------------------------------------------------------
