@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol, with a bound on the size of request headers.
+"""uvicorn's httptools protocol, with a bound on the size of request headers and one write per
+JSON response.
 
 httptools buffers a request's headers without any limit (measured: 200 MB of headers were
 accepted, and held in memory, before the app saw the request). This subclass counts the bytes
@@ -7,6 +8,14 @@ answers 431 with the gateway's JSON error body and closes the connection, so a c
 a worker hold at most the limit plus one socket read. The exact limit on complete headers is
 checked again in the app (``headers.py``).
 
+uvicorn writes a response's head and its body with two ``transport.write`` calls, so every JSON
+answer costs two ``send`` system calls (each one, on loopback, also delivers the segment to the
+reader) and checks each header against two regular expressions. :class:`OneWriteCycle` holds
+the head of a response that declares its ``content-length`` until the body comes and writes
+both at once, checking the header names and values in one pass each; anything else (streams,
+HEAD, a ``connection`` header, uvicorn's access log) goes through uvicorn's own code unchanged.
+Measured on the gateway's cache-hit path: ~1 in 8 of the CPU per request was ``send``.
+
 The limit travels in ``$TOKYO_IA_MAX_HEADER_BYTES`` (set by ``tokyo-ia serve``), because uvicorn
 creates this class in each worker process from its import path.
 """
@@ -14,9 +23,15 @@ creates this class in each worker process from its import path.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
 from ..config import DEFAULT_MAX_HEADER_BYTES
 from .errors import render_error
@@ -38,6 +53,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._header_bytes = None
         super().on_headers_complete()
+        cycle = self.cycle
+        # The cycle's task has been created but has not run yet: it will call our send.
+        if type(cycle) is RequestResponseCycle:
+            cycle.__class__ = OneWriteCycle
+            cast(OneWriteCycle, cycle).held = None
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -54,3 +74,68 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 b"connection: close\r\n\r\n%s" % (status, len(body), body)
             )
             self.transport.close()
+
+
+class OneWriteCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, writing a sized response's head and body together."""
+
+    held: tuple[Any, bytes, int] | None
+    """The start message, its head (without the final CRLF) and its content-length."""
+
+    async def send(self, message: Any) -> None:
+        if message["type"] == "http.response.start" and not self.response_started:
+            self.held = None  # a second start (uvicorn's 500 after a failure) replaces the first
+            simple = self._head(message)
+            if simple is None:
+                await super().send(message)
+            else:
+                self.held = (message, *simple)
+            return
+        held = self.held
+        if held is None:
+            await super().send(message)
+            return
+        self.held = None
+        start, head, length = held
+        body = message.get("body", b"")
+        if (
+            message["type"] != "http.response.body"
+            or message.get("more_body", False)
+            or len(body) != length
+            or self.disconnected
+            or self.flow.write_paused
+        ):
+            await super().send(start)  # uvicorn's own path, with its checks and errors
+            await super().send(message)
+            return
+        # What uvicorn's send does for the start and the final body message, in one write.
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        self.chunked_encoding = False
+        self.expected_content_length = 0
+        close = b"" if self.keep_alive else b"connection: close\r\n"
+        self.transport.write(head + close + b"\r\n" + body)
+        self.response_complete = True
+        self.message_event.set()
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()
+
+    def _head(self, message: Any) -> tuple[bytes, int] | None:
+        """Status line and headers of a response with a ``content-length`` and nothing that
+        changes how uvicorn frames it; None sends it through uvicorn's code instead."""
+        if self.access_log or self.scope["method"] == "HEAD":
+            return None
+        headers = [*self.default_headers, *message.get("headers", ())]
+        names = [name.lower() for name, _ in headers]
+        if b"connection" in names or b"transfer-encoding" in names or b"content-length" not in names:
+            return None
+        if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join(v for _, v in headers)):
+            return None  # uvicorn raises the error
+        length = headers[names.index(b"content-length")][1]
+        if not length.isdigit():
+            return None
+        lines = [STATUS_LINE[message["status"]]]
+        for name, (_, value) in zip(names, headers, strict=True):
+            lines += (name, b": ", value, b"\r\n")
+        return b"".join(lines), int(length)
