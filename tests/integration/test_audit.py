@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import itertools
 import logging
 import os
+import random
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -205,6 +208,101 @@ async def test_rows_form_a_chain_that_verifies(sessions: Sessions) -> None:
         assert row.hash == row_hash(row.prev_hash, {n: getattr(row, n) for n in HASHED_FIELDS})
     report = await verify(sessions)
     assert report == VerifyReport(ok=True, count=12, last_id=stored[-1].id, last_hash=stored[-1].hash)
+
+
+class _Odd:
+    def __str__(self) -> str:
+        return "odd"
+
+
+def golden_events() -> list[AuditEvent]:
+    """Events that exercise every normalisation the hash sees (cuts, clamps, times, detail)."""
+    at = datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+    odd_detail: dict[Any, Any] = {
+        "z": 1,
+        "a": {"y": [1, 2.5, None, 0.1], "b": "ü日本", "c": (1, 2)},
+        3: "int key",
+        "when": at,
+        "odd": _Odd(),
+        "nested": {"k2": {"k1": [{"b": 1, "a": 2}]}},
+    }
+    return [
+        event(
+            1, ts=at, detail={"request_id": "r-1", "attempts": 1, "latency_ms": 12.345, "provider": "openai"}
+        ),
+        AuditEvent(action="request", ts=at.replace(microsecond=0)),  # no fraction
+        AuditEvent(action="admin /admin/keys", ts=datetime(2030, 1, 2, 3, 4, 6)),  # naive: UTC
+        AuditEvent(
+            action="request", ts=datetime(2030, 1, 2, 12, 4, 7, 5, tzinfo=timezone(timedelta(hours=9)))
+        ),
+        AuditEvent(
+            action="x" * 100,
+            actor_key_id="k" * 200,
+            route="/" * 300,
+            model="m" * 300,
+            client_ip="9" * 80,
+            status=2**40,
+            tokens_in=-(2**40),
+            tokens_out=True,
+            ts=at,
+            detail=odd_detail,
+        ),
+        AuditEvent(action="request", ts=at, detail={}),
+        AuditEvent(
+            action="audit.dropped", ts=at + timedelta(microseconds=1), detail={"count": 5, "total": 7}
+        ),
+    ]
+
+
+#: The chain the writer made of :func:`golden_events` before its SQLite rows skipped
+#: SQLAlchemy's INSERT machinery. Stored trails hold chains made that way: never change these.
+GOLDEN_HASHES = [
+    "469cdef7bc97f7a1f14c6c7dd4c8c6f3a48d11cb48f62472baccbb5666da7b18",
+    "383f48d803e6d84dc28e8196dc52356ca713270c471716fcee00cea2e5f62d67",
+    "7857db077f577c072d6d810c42a2ea832c097fe271d7c711cf2adfd95628dc02",
+    "66a9a254f48dacec3d7c67c923ccf785a186eb53aefc2d34e276fc6576c91703",
+    "6271ee32152b389fd1c837f8b862538105f516a8c08590100589d3f63336929b",
+    "586cc39755a94500bc6e5d1a7cbe58ef2f29ee6d30fb6d5ccb6ad46dc1d744e2",
+    "c2f73bdc1bb841c569f8ca6045ede8486f9c9bedf95f1d8b1d13640453bbbc59",
+]
+
+
+async def test_the_writer_hashes_as_it_always_has(sessions: Sessions) -> None:
+    writer = AuditWriter(sessions)
+    for e in golden_events():
+        writer.record(e)
+    await writer.close()
+    stored = await rows(sessions)
+    assert [r.hash for r in stored] == GOLDEN_HASHES
+    assert stored[4].detail is not None and stored[4].detail["3"] == "int key"
+    assert (await verify(sessions)).ok
+
+
+def reference_hash(prev_hash: str, row: dict[str, Any]) -> str:
+    """The hash as the module docstring defines it, spelled out without shortcuts."""
+    fields = {name: row.get(name) for name in HASHED_FIELDS}
+    ts = row["ts"] if row["ts"].tzinfo else row["ts"].replace(tzinfo=UTC)
+    fields["ts"] = ts.astimezone(UTC).isoformat(timespec="microseconds")
+    canonical = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(prev_hash.encode("ascii") + canonical).hexdigest()
+
+
+def test_row_hash_spells_every_time_as_isoformat() -> None:
+    """row_hash lets orjson write the time when that gives the same bytes; check it does."""
+    rng = random.Random(20300102)
+    zones = [UTC, None, timezone(timedelta(hours=-7)), timezone(timedelta(hours=5, minutes=45))]
+    for _ in range(5000):
+        seconds = rng.randrange(86_400 * 365 * 9_990) + 86_400 * 2  # years 1-9991, clear of the edges
+        ts = datetime(1, 1, 1) + timedelta(
+            seconds=seconds, microseconds=rng.choice([0, rng.randrange(10**6)])
+        )
+        row = {
+            "ts": ts.replace(tzinfo=rng.choice(zones)),
+            "action": "request",
+            "status": 200,
+            "detail": {"a": 1},
+        }
+        assert row_hash(GENESIS_HASH, row) == reference_hash(GENESIS_HASH, row)
 
 
 async def test_an_empty_trail_verifies(sessions: Sessions) -> None:

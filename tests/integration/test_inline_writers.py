@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import random
+import sqlite3
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select
+from sqlalchemy.dialects import sqlite
 
-from tests.integration.test_audit import event
+from tests.integration.test_audit import GOLDEN_HASHES, event, golden_events
 from tests.integration.test_ledger import entry
-from tokyo_ia.accounting.ledger import SpendLedger
+from tokyo_ia.accounting.ledger import SpendEntry, SpendLedger
 from tokyo_ia.security.audit import AuditWriter, verify
 from tokyo_ia.store import create_engine, session_factory
+from tokyo_ia.store.batch import sqlite_datetime
 from tokyo_ia.store.db import upgrade
 from tokyo_ia.store.inline import InlineSessions, sync_sqlite_url
-from tokyo_ia.store.models import AuditEntry, SpendRecord
+from tokyo_ia.store.models import AuditEntry, SpendRecord, UTCDateTime
 
 
 def test_only_on_disk_aiosqlite_urls_get_the_inline_writers() -> None:
@@ -51,3 +59,146 @@ async def test_both_writers_share_the_database_without_waiting_on_each_other(tmp
         assert report.ok and report.count == 1500
     finally:
         await engine.dispose()
+
+
+async def test_a_locked_database_delays_the_inline_writers_and_loses_nothing(tmp_path: Path) -> None:
+    """Another process holding the write lock: the batch fails after the short busy timeout,
+    is rolled back, and goes in whole on the next try (store/batch.py's guarantees)."""
+    path = tmp_path / "locked.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    await upgrade(url)
+    inline = InlineSessions(sync_sqlite_url(url) or "")
+    audit = AuditWriter(inline, batch_size=20)  # type: ignore[arg-type]
+    ledger = SpendLedger(inline, batch_size=20)  # type: ignore[arg-type]
+    for i in range(30):
+        audit.record(event(i))
+        ledger.record(entry(i))
+    assert await audit.flush() and await ledger.flush()
+    other = sqlite3.connect(path)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the write lock, as another worker would hold it
+        for i in range(30, 75):
+            audit.record(event(i))
+            ledger.record(entry(i))
+        assert not await audit.flush()
+        assert not await ledger.flush()
+        assert (audit.pending, ledger.pending) == (45, 45)
+    finally:
+        other.rollback()
+        other.close()
+    await audit.close()
+    await ledger.close()
+    inline.dispose()
+    assert (audit.dropped, ledger.dropped) == (0, 0)
+    engine = create_engine(url)
+    try:
+        sessions = session_factory(engine)
+        report = await verify(sessions)
+        assert report.ok and report.count == 75
+        async with sessions() as session:
+            ids = await session.scalars(select(SpendRecord.request_id).order_by(SpendRecord.id))
+            assert list(ids) == [f"req-{i}" for i in range(75)]
+    finally:
+        await engine.dispose()
+
+
+# -- the lean SQLite rows -----------------------------------------------------------------
+
+
+def ledger_entries() -> list[SpendEntry]:
+    """Entries that exercise every conversion: times, money rounding and limits, cuts, counts."""
+    at = datetime(2030, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
+    return [
+        entry(0, created_at=at, cached_tokens=4, cache_status="miss", cost_usd=Decimal("0.000000075")),
+        entry(1, created_at=at.replace(microsecond=0), cost_usd=0.0000135 * 3),  # a float, as carried
+        entry(
+            2, created_at=datetime(2030, 1, 2, 3, 4, 5, 7), cost_usd=Decimal("0.00000000005")
+        ),  # naive; half-even: 0
+        entry(3, created_at=at.astimezone(timezone(timedelta(hours=-5))), cost_usd=Decimal("0.00000000015")),
+        entry(4, model="m" * 300, team="t" * 300, cost_usd=Decimal("99999999.12345678901")),
+        entry(
+            5, cost_usd=Decimal("1e12"), tokens_in=2**40, tokens_out=-3, attempts=True
+        ),  # nonsense, clamped
+        entry(6, cost_usd=float("nan"), cached_tokens=0, latency_ms=3),
+        entry(7, cost_usd=-0.25, key_id=None, provider=None, upstream_model=None),
+    ]
+
+
+async def raw_rows(url: str, table: str) -> list[tuple[tuple[str, Any], ...]]:
+    """Every stored value but the id, with its Python type (1 and 1.0 must not compare equal)."""
+    engine = create_engine(url)
+    try:
+        async with engine.connect() as conn:
+            result = await conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY id")
+            return [
+                tuple((type(v).__name__, v) for k, v in zip(result.keys(), row, strict=True) if k != "id")
+                for row in result
+            ]
+    finally:
+        await engine.dispose()
+
+
+async def test_the_lean_rows_are_what_sqlalchemy_stores(tmp_path: Path) -> None:
+    """The writers hand SQLite tuples they encoded themselves (store/batch.py). Copy what they
+    stored, read back through the models, into a second database with SQLAlchemy's Core INSERT:
+    the two must hold the same values of the same types, the JSON aside (its spacing differs)."""
+    lean, core = f"sqlite+aiosqlite:///{tmp_path / 'lean.db'}", f"sqlite+aiosqlite:///{tmp_path / 'core.db'}"
+    await upgrade(lean)
+    await upgrade(core)
+    inline = InlineSessions(sync_sqlite_url(lean) or "")
+    audit = AuditWriter(inline)  # type: ignore[arg-type]
+    ledger = SpendLedger(inline)  # type: ignore[arg-type]
+    for e in golden_events():
+        audit.record(e)
+    for s in ledger_entries():
+        ledger.record(s)
+    await audit.close()
+    await ledger.close()
+    inline.dispose()
+
+    engines = create_engine(lean), create_engine(core)
+    try:
+        async with session_factory(engines[0])() as session:
+            models: list[Any] = [*await session.scalars(select(AuditEntry).order_by(AuditEntry.id))]
+            models += await session.scalars(select(SpendRecord).order_by(SpendRecord.id))
+        async with engines[1].begin() as conn:
+            for model in models:
+                table = model.__table__
+                values = {c.key: getattr(model, c.key) for c in table.columns if c.key != "id"}
+                await conn.execute(insert(table), values)
+        assert [r.hash for r in models[:7]] == GOLDEN_HASHES
+        assert (await verify(session_factory(engines[0]))).ok
+        assert models[8].cost_usd == Decimal("0.0000405") and models[9].cost_usd == 0  # exact, half-even
+        assert models[10].cost_usd == Decimal("2E-10") and models[11].cost_usd == Decimal(
+            "99999999.1234567890"
+        )
+    finally:
+        for engine in engines:
+            await engine.dispose()
+
+    assert await raw_rows(lean, "spend_ledger") == await raw_rows(core, "spend_ledger")
+    lean_audit, core_audit = await raw_rows(lean, "audit_log"), await raw_rows(core, "audit_log")
+    assert len(lean_audit) == len(core_audit) == 7
+    for lean_row, core_row in zip(lean_audit, core_audit, strict=True):
+        detail = _COLUMN_NAMES.index("detail")
+        assert lean_row[:detail] + lean_row[detail + 1 :] == core_row[:detail] + core_row[detail + 1 :]
+        # The same JSON, keys in the same order; SQLAlchemy writes it with json.dumps' spaces.
+        assert json.dumps(json.loads(lean_row[detail][1])) == core_row[detail][1]
+
+
+_COLUMN_NAMES = [c.key for c in AuditEntry.__table__.columns if c.key != "id"]
+
+
+def test_sqlite_datetime_is_what_the_column_type_binds() -> None:
+    dialect = sqlite.dialect()
+    bind = UTCDateTime().dialect_impl(dialect).bind_processor(dialect)
+    assert bind is not None
+    rng = random.Random(1502)
+    zones = [UTC, None, timezone(timedelta(hours=9)), timezone(timedelta(hours=-3, minutes=-30))]
+    for _ in range(5000):
+        seconds = rng.randrange(86_400 * 365 * 9_990) + 86_400 * 2
+        ts = datetime(1, 1, 1) + timedelta(
+            seconds=seconds, microseconds=rng.choice([0, rng.randrange(10**6)])
+        )
+        ts = ts.replace(tzinfo=rng.choice(zones))
+        assert sqlite_datetime(ts) == bind(ts)

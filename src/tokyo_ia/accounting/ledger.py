@@ -23,30 +23,40 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Table, insert
 
-from ..store.batch import BatchWriter, slices
-from ..store.models import SpendRecord, utcnow
+from ..store.batch import BatchWriter, slices, sqlite_datetime, sqlite_insert
+from ..store.models import USD_SCALE, SpendRecord, utcnow
 
 if TYPE_CHECKING:
     from ..pipeline import RequestContext
 
+_TABLE = cast(Table, SpendRecord.__table__)
+_COLUMNS = (
+    "created_at",
+    "request_id",
+    "key_id",
+    "team",
+    "model",
+    "provider",
+    "upstream_model",
+    "route",
+    "tokens_in",
+    "tokens_out",
+    "cached_tokens",
+    "cost_usd",
+    "latency_ms",
+    "status",
+    "cache_status",
+    "attempts",
+)
 # Core INSERT on the table (not the ORM-enabled one): no per-row ORM book-keeping.
-_INSERT_SPEND = insert(cast(Table, SpendRecord.__table__))
+_INSERT_SPEND = insert(_TABLE)
+_SQLITE_INSERT = sqlite_insert(_TABLE, _COLUMNS)
 log = logging.getLogger("tokyo_ia.accounting")
 
 _ZERO = Decimal(0)
+_USD_UNIT = Decimal(1).scaleb(-USD_SCALE)  # the USD column type rounds to this on the way in
 _INT32_MAX = 2**31 - 1
 _MAX_USD = Decimal(10**8)  # per row; the columns hold about 9.2e8 (SQLite) and 1e10 (PostgreSQL)
-#: Column widths (see store/models.py): longer values are cut so one entry never poisons a batch.
-_WIDTHS = {
-    "request_id": 128,
-    "key_id": 128,
-    "team": 200,
-    "model": 256,
-    "provider": 128,
-    "upstream_model": 256,
-    "route": 256,
-    "cache_status": 16,
-}
 
 
 @dataclass(slots=True)
@@ -74,7 +84,9 @@ class SpendEntry:
 
 
 def _count(value: Any) -> int:
-    return min(value, _INT32_MAX) if isinstance(value, int) and value > 0 else 0
+    if isinstance(value, int) and value > 0:
+        return value if value <= _INT32_MAX else _INT32_MAX
+    return 0
 
 
 def cached_tokens(usage: Mapping[str, Any]) -> int | None:
@@ -114,21 +126,34 @@ def _money(value: Decimal | float) -> Decimal:
     return exact if exact.is_finite() and abs(exact) < _MAX_USD else _ZERO
 
 
-def _row(entry: SpendEntry) -> dict[str, Any]:
-    row: dict[str, Any] = {
-        "created_at": entry.created_at,
-        "status": entry.status,
-        "latency_ms": float(entry.latency_ms),
-        "tokens_in": _count(entry.tokens_in),
-        "tokens_out": _count(entry.tokens_out),
-        "cached_tokens": None if entry.cached_tokens is None else _count(entry.cached_tokens),
-        "cost_usd": _money(entry.cost_usd),
-        "attempts": _count(entry.attempts),
-    }
-    for name, width in _WIDTHS.items():
-        value = getattr(entry, name)
-        row[name] = None if value is None else str(value)[:width]
-    return row
+def _cut(value: Any, width: int) -> str | None:
+    """Text cut to its column's width (store/models.py), so one entry never poisons a batch."""
+    return None if value is None else str(value)[:width]
+
+
+def _values(entry: SpendEntry, sqlite: bool) -> tuple[Any, ...]:
+    """The row in :data:`_COLUMNS` order. On SQLite, as SQLAlchemy's column types would bind it
+    (time as text, money as an integer count of 1e-10 USD): it goes straight to ``executemany``."""
+    cost = _money(entry.cost_usd)
+    created_at = entry.created_at
+    return (
+        sqlite_datetime(created_at) if sqlite else created_at,
+        _cut(entry.request_id, 128),
+        _cut(entry.key_id, 128),
+        _cut(entry.team, 200),
+        _cut(entry.model, 256),
+        _cut(entry.provider, 128),
+        _cut(entry.upstream_model, 256),
+        _cut(entry.route, 256),
+        _count(entry.tokens_in),
+        _count(entry.tokens_out),
+        None if entry.cached_tokens is None else _count(entry.cached_tokens),
+        int(cost.quantize(_USD_UNIT).scaleb(USD_SCALE)) if sqlite else cost,
+        float(entry.latency_ms),
+        entry.status,
+        _cut(entry.cache_status, 16),
+        _count(entry.attempts),
+    )
 
 
 class SpendLedger(BatchWriter[SpendEntry]):
@@ -143,5 +168,11 @@ class SpendLedger(BatchWriter[SpendEntry]):
 
     async def write(self, items: list[SpendEntry]) -> None:
         async with self.sessions() as session, session.begin():
+            conn = await session.connection()
+            sqlite = conn.dialect.name == "sqlite"
             async for part in slices(items):
-                await session.execute(_INSERT_SPEND, [_row(e) for e in part])
+                if sqlite:  # the lean path (store/batch.py)
+                    await conn.exec_driver_sql(_SQLITE_INSERT, [_values(e, True) for e in part])
+                else:
+                    rows = [dict(zip(_COLUMNS, _values(e, False), strict=True)) for e in part]
+                    await conn.execute(_INSERT_SPEND, rows)

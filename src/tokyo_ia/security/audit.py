@@ -32,13 +32,31 @@ from typing import Any, cast
 
 import orjson
 from sqlalchemy import Table, insert, select, text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
-from ..store.batch import BatchWriter, slices
+from ..store.batch import BatchWriter, slices, sqlite_datetime, sqlite_insert
 from ..store.models import AuditEntry, utcnow
 
+_TABLE = cast(Table, AuditEntry.__table__)
+#: The columns written, in the order of a row's values.
+_COLUMNS = (
+    "ts",
+    "actor_key_id",
+    "action",
+    "route",
+    "model",
+    "status",
+    "tokens_in",
+    "tokens_out",
+    "client_ip",
+    "detail",
+    "prev_hash",
+    "hash",
+)
 # Core INSERT on the table (not the ORM-enabled one): no per-row ORM book-keeping.
-_INSERT_AUDIT = insert(cast(Table, AuditEntry.__table__))
+_INSERT_AUDIT = insert(_TABLE)
+_SQLITE_INSERT = sqlite_insert(_TABLE, _COLUMNS)
+_LAST_HASH = select(_TABLE.c.hash).order_by(_TABLE.c.id.desc()).limit(1)
 log = logging.getLogger("tokyo_ia.audit")
 
 GENESIS_HASH = "0" * 64
@@ -46,9 +64,6 @@ GENESIS_HASH = "0" * 64
 ADVISORY_LOCK_ID = 0x746F6B796F617564
 _VERIFY_PAGE = 1000
 _INT32 = (-(2**31), 2**31 - 1)
-#: Column widths (see store/models.py): longer values are cut so one event never poisons a batch.
-_WIDTHS = {"actor_key_id": 128, "action": 64, "route": 256, "model": 256, "client_ip": 64}
-_INTS = ("status", "tokens_in", "tokens_out")
 #: The fields covered by the hash, in no particular order (the JSON is key-sorted).
 HASHED_FIELDS = (
     "ts",
@@ -97,16 +112,39 @@ def _iso(ts: datetime) -> str:
     return ts.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
-    """The hash of a row given its predecessor's; ``row`` as stored (``ts`` a datetime)."""
-    fields = {name: row.get(name) for name in HASHED_FIELDS}
-    fields["ts"] = _iso(row["ts"])
-    canonical = orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+def _canonical(fields: dict[str, Any]) -> bytes:
+    """The bytes a row's hash covers after its predecessor's hash: ``fields`` (the
+    :data:`HASHED_FIELDS`, ``ts`` a datetime) as key-sorted JSON, ``ts`` spelled by :func:`_iso`.
+
+    Stored chains depend on these exact bytes: any change here breaks every existing trail.
+    ``fields`` is used up (its ``ts`` may be replaced).
+    """
+    ts = fields["ts"]
+    # orjson spells an exact ``datetime`` in UTC with microseconds as isoformat() does, at a
+    # fifth of the cost; it leaves ".000000" out, hence the fallback (tests hold the two equal).
+    if type(ts) is not datetime or ts.tzinfo is not UTC or not ts.microsecond:
+        fields["ts"] = _iso(ts)
+    return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
+
+
+def _link(prev_hash: str, canonical: bytes) -> str:
     return hashlib.sha256(prev_hash.encode("ascii") + canonical).hexdigest()
 
 
+def row_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
+    """The hash of a row given its predecessor's; ``row`` as stored (``ts`` a datetime)."""
+    return _link(prev_hash, _canonical({name: row.get(name) for name in HASHED_FIELDS}))
+
+
 def _clamp(value: int | None) -> int | None:
+    if type(value) is int and _INT32[0] <= value <= _INT32[1]:
+        return value  # the common case, without the calls below (this runs three times a row)
     return None if value is None else max(_INT32[0], min(_INT32[1], int(value)))
+
+
+def _cut(value: Any, width: int) -> str | None:
+    """Text cut to its column's width (store/models.py), so one event never poisons a batch."""
+    return None if value is None else str(value)[:width]
 
 
 def _json_detail(detail: dict[str, Any] | None) -> Any:
@@ -117,30 +155,64 @@ def _json_detail(detail: dict[str, Any] | None) -> Any:
         return {"unserialisable_detail": str(exc)[:200]}
 
 
-def _to_row(event: AuditEvent) -> Row:
-    """The row as the database will give it back, so hashing now and re-hashing later agree.
+def _prepare(event: AuditEvent, sqlite: bool) -> tuple[tuple[Any, ...], bytes]:
+    """The row's values in :data:`_COLUMNS` order up to the two hashes, and the bytes its hash
+    covers (:func:`_canonical`).
 
-    ``detail`` goes through an orjson round trip: it fixes the JSON form (PostgreSQL JSONB
-    reorders keys and the hash sorts them anyway) and turns datetimes, tuples and other
-    orjson-native types into what will be read back (anything else via ``str``). The timestamp is cut to microseconds,
-    the precision both backends keep.
+    The values are the row as the database will give it back, so hashing now and re-hashing
+    later agree. ``detail`` goes through an orjson round trip: it fixes the JSON form
+    (PostgreSQL JSONB reorders keys and the hash sorts them anyway) and turns datetimes, tuples
+    and other orjson-native types into what will be read back (anything else via ``str``). The
+    timestamp is cut to microseconds, the precision both backends keep. On SQLite ``ts`` and
+    ``detail`` are the text SQLAlchemy's column types would bind (store/batch.py): the row goes
+    straight to ``executemany``. (The JSON is orjson's compact spelling of the same value.)
     """
-    row: Row = {
-        "ts": (event.ts if event.ts.tzinfo else event.ts.replace(tzinfo=UTC)).astimezone(UTC),
-        "action": event.action[: _WIDTHS["action"]],
-        "detail": _json_detail(event.detail),
-    }
-    for name in ("actor_key_id", "route", "model", "client_ip"):
-        value = getattr(event, name)
-        row[name] = None if value is None else str(value)[: _WIDTHS[name]]
-    for name in _INTS:
-        row[name] = _clamp(getattr(event, name))
-    return row
+    ts = event.ts
+    ts = (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).astimezone(UTC)
+    actor_key_id = _cut(event.actor_key_id, 128)
+    action = event.action[:64]
+    route = _cut(event.route, 256)
+    model = _cut(event.model, 256)
+    status = _clamp(event.status)
+    tokens_in = _clamp(event.tokens_in)
+    tokens_out = _clamp(event.tokens_out)
+    client_ip = _cut(event.client_ip, 64)
+    detail = _json_detail(event.detail)
+    canonical = _canonical(
+        {
+            "ts": ts,
+            "actor_key_id": actor_key_id,
+            "action": action,
+            "route": route,
+            "model": model,
+            "status": status,
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "client_ip": client_ip,
+            "detail": detail,
+        }
+    )
+    values: tuple[Any, ...]
+    if sqlite:
+        values = (
+            sqlite_datetime(ts),
+            actor_key_id,
+            action,
+            route,
+            model,
+            status,
+            tokens_in,
+            tokens_out,
+            client_ip,
+            orjson.dumps(detail).decode(),
+        )
+    else:
+        values = (ts, actor_key_id, action, route, model, status, tokens_in, tokens_out, client_ip, detail)
+    return values, canonical
 
 
-async def _lock_chain(session: AsyncSession) -> None:
+async def _lock_chain(conn: AsyncConnection) -> None:
     """Serialise appenders for the rest of this transaction (released at commit/rollback)."""
-    conn = await session.connection()
     if conn.dialect.name == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": ADVISORY_LOCK_ID})
     else:
@@ -149,19 +221,28 @@ async def _lock_chain(session: AsyncSession) -> None:
         await conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
-async def append(sessions: async_sessionmaker[AsyncSession], rows: list[Row]) -> None:
-    """Chain and insert ``rows`` in one locked transaction (the only writer of ``audit_log``)."""
+async def append(sessions: async_sessionmaker[AsyncSession], events: list[AuditEvent]) -> None:
+    """Chain and insert ``events`` in one locked transaction (the only writer of ``audit_log``).
+
+    Rows are built slice by slice inside the transaction: building is event-loop work, and
+    each slice ends with a loop turn (:func:`~tokyo_ia.store.batch.slices`).
+    """
     async with sessions() as session, session.begin():
-        await _lock_chain(session)
-        last = await session.scalar(select(AuditEntry.hash).order_by(AuditEntry.id.desc()).limit(1))
-        prev = last or GENESIS_HASH
-        async for part in slices(rows):
-            values = []
-            for row in part:
-                digest = row_hash(prev, row)
-                values.append({**row, "prev_hash": prev, "hash": digest})
+        conn = await session.connection()
+        sqlite = conn.dialect.name == "sqlite"
+        await _lock_chain(conn)
+        prev = await session.scalar(_LAST_HASH) or GENESIS_HASH
+        async for part in slices(events):
+            rows = []
+            for event in part:
+                values, canonical = _prepare(event, sqlite)
+                digest = _link(prev, canonical)
+                rows.append((*values, prev, digest))
                 prev = digest
-            await session.execute(_INSERT_AUDIT, values)
+            if sqlite:  # the lean path (store/batch.py)
+                await conn.exec_driver_sql(_SQLITE_INSERT, rows)
+            else:
+                await conn.execute(_INSERT_AUDIT, [dict(zip(_COLUMNS, row, strict=True)) for row in rows])
 
 
 # -- the writer ---------------------------------------------------------------------------
@@ -183,10 +264,7 @@ class AuditWriter(BatchWriter[AuditEvent]):
         return self.items_written
 
     async def write(self, items: list[AuditEvent]) -> None:
-        rows: list[Row] = []
-        async for part in slices(items):  # building rows is event-loop work: let requests in
-            rows.extend(_to_row(e) for e in part)
-        await append(self.sessions, rows)
+        await append(self.sessions, items)
 
     def drop_marker(self, count: int) -> AuditEvent:
         return AuditEvent(action="audit.dropped", detail={"count": count, "total": self.dropped})
