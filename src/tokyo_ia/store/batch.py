@@ -44,9 +44,11 @@ T = TypeVar("T")
 
 _WARN_EVERY_S = 10.0
 _CLOSE_ATTEMPTS = 3
-SLICE = 50
-"""Rows per INSERT statement inside a batch's transaction (see :func:`slices`): about half a
-millisecond of the loop's time at the 10-15 µs a row either writer costs on SQLite."""
+SLICE = 20
+"""Rows per INSERT statement inside a batch's transaction (see :func:`slices`): a quarter of a
+millisecond of the loop's time at the 10-15 µs a row either writer costs on SQLite. Measured at
+one connection (bench/): 50-row slices gave an added p99 of ~1.8 ms, 20-row ones ~1.3 ms, 10-row
+ones no better than 20."""
 MAX_SLICE = 80
 """The largest slice a writer that is behind uses: about a millisecond of the loop's time."""
 _CATCH_UP = 10
