@@ -51,6 +51,21 @@ def test_access_log_is_one_json_line_with_the_contract_fields(out: io.BytesIO) -
     assert expected.items() <= line.items()
 
 
+def test_access_line_masks_keys_a_client_put_in_its_own_fields(out: io.BytesIO) -> None:
+    secret = "sk-" + "k" * 40
+    bind_request({"session_token": "abc", "tenant": "t1"})
+    access_log(
+        request_id=secret, model=f"Bearer {secret}", status=401, latency_ms=1.0,
+        route=f"/v1/{secret}", api_key=secret, note="ok",
+    )  # fmt: skip
+    assert secret.encode() not in out.getvalue()
+    [line] = lines(out)
+    assert line["request_id"] == REDACTED and line["model"] == REDACTED
+    assert line["route"] == f"/v1/{REDACTED}" and line["api_key"] == REDACTED
+    assert (line["session_token"], line["tenant"], line["note"]) == (REDACTED, "t1", "ok")
+    assert line["logger"] == "tokyo_ia.access" and line["status"] == 401
+
+
 def test_credentials_and_prompt_text_never_reach_the_stream(out: io.BytesIO) -> None:
     secret = "sk-tia-" + "x" * 43
     log = structlog.get_logger("test")

@@ -96,13 +96,16 @@ class _Timestamp:
         self._prefix = ""
 
     def __call__(self, _logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        event_dict["timestamp"] = self.now()
+        return event_dict
+
+    def now(self) -> str:
         now = time.time()
         second = int(now)
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        event_dict["timestamp"] = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
-        return event_dict
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
 
 
 _timestamp = _Timestamp()
@@ -303,10 +306,34 @@ def access_log(
     structlog's processor chain and builds the same line directly (same fields, same
     redaction), buffered by :class:`_AccessSink`.
     """
-    fields: dict[str, Any] = {
-        "request_id": request_id,
+    sink = _access_json
+    if sink is None:
+        _access.info(
+            "request",
+            request_id=request_id,
+            key_id=key_id,
+            model=model,
+            provider=provider,
+            status=status,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            cost_usd=cost_usd,
+            latency_ms=round(latency_ms, 3),
+            cache=cache,
+            attempts=attempts,
+            **extra,
+        )
+        return
+    if extra:
+        _redact_mapping(extra)
+    # The named fields are never secret by name; a value that carries a key (a client can put
+    # one in its request id, model name or path) is masked like the chain's redaction does.
+    line: dict[str, Any] = {
+        "logger": "tokyo_ia.access",
+        "event": "request",
+        "request_id": _masked(request_id),
         "key_id": key_id,
-        "model": model,
+        "model": _masked(model),
         "provider": provider,
         "status": status,
         "tokens_in": tokens_in,
@@ -316,19 +343,21 @@ def access_log(
         "cache": cache,
         "attempts": attempts,
         **extra,
+        "level": "info",
+        "timestamp": _timestamp.now(),
     }
-    sink = _access_json
-    if sink is None:
-        _access.info("request", **fields)
-        return
-    line: dict[str, Any] = dict(structlog.contextvars.get_contextvars()) if _bound else {}
-    line["logger"] = "tokyo_ia.access"
-    line["event"] = "request"
-    line.update(fields)
-    line["level"] = "info"
-    _timestamp(None, "", line)
-    _redact_mapping(line)
-    sink.write(orjson.dumps(line, default=str) + b"\n")
+    if _bound:
+        bound = dict(structlog.contextvars.get_contextvars())
+        _redact_mapping(bound)
+        line = {**bound, **line}
+    sink.write(orjson.dumps(line, default=str, option=orjson.OPT_APPEND_NEWLINE))
+
+
+def _masked(value: str | None) -> str | None:
+    """``value`` with any inline credential masked (cheap for the short strings that have none)."""
+    if value is not None and len(value) > 19 and ("sk-" in value or "earer " in value):
+        return _INLINE_SECRET.sub(REDACTED, value)
+    return value
 
 
 def bind_request(fields: Mapping[str, Any]) -> None:
