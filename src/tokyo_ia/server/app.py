@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import logging
 import os
@@ -389,6 +390,12 @@ class GatewayApp:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                # What start-up built (modules, config, catalog, engines) lives as long as the
+                # worker: move it out of the cyclic collector's reach, so a full collection only
+                # walks what requests left behind (~100k objects and ~30 ms per full collection
+                # before). Here, not in Gateway.start: only a server process owns its heap.
+                gc.collect()
+                gc.freeze()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.gateway.close()
