@@ -11,6 +11,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.dialects import sqlite
 
@@ -19,6 +20,7 @@ from tests.integration.test_ledger import entry
 from tokyo_ia.accounting.ledger import SpendEntry, SpendLedger
 from tokyo_ia.security.audit import AuditWriter, verify
 from tokyo_ia.store import create_engine, session_factory
+from tokyo_ia.store import inline as inline_module
 from tokyo_ia.store.batch import sqlite_datetime
 from tokyo_ia.store.db import upgrade
 from tokyo_ia.store.inline import InlineSessions, sync_sqlite_url
@@ -61,9 +63,12 @@ async def test_both_writers_share_the_database_without_waiting_on_each_other(tmp
         await engine.dispose()
 
 
-async def test_a_locked_database_delays_the_inline_writers_and_loses_nothing(tmp_path: Path) -> None:
-    """Another process holding the write lock: the batch fails after the short busy timeout,
-    is rolled back, and goes in whole on the next try (store/batch.py's guarantees)."""
+async def test_another_process_holding_the_lock_delays_the_writers_without_blocking_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another worker holding SQLite's write lock: the batches wait for it with asyncio sleeps
+    (the loop keeps serving), and go in whole once it is released; held past BUSY_GIVE_UP_S,
+    the batch fails, is kept, and goes in on a later try (store/batch.py's guarantees)."""
     path = tmp_path / "locked.db"
     url = f"sqlite+aiosqlite:///{path}"
     await upgrade(url)
@@ -74,15 +79,41 @@ async def test_a_locked_database_delays_the_inline_writers_and_loses_nothing(tmp
         audit.record(event(i))
         ledger.record(entry(i))
     assert await audit.flush() and await ledger.flush()
+    loop = asyncio.get_running_loop()
     other = sqlite3.connect(path)
     try:
+        # 1. Held for 0.3 s: the flushes wait, the loop does not.
         other.execute("BEGIN IMMEDIATE")  # the write lock, as another worker would hold it
-        for i in range(30, 75):
+        for i in range(30, 60):
+            audit.record(event(i))
+            ledger.record(entry(i))
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = loop.time()
+            while True:
+                await asyncio.sleep(0.001)
+                now = loop.time()
+                gaps.append(now - last)
+                last = now
+
+        ticking = asyncio.ensure_future(ticker())
+        loop.call_later(0.3, other.rollback)
+        started = loop.time()
+        assert await asyncio.gather(audit.flush(), ledger.flush()) == [True, True]
+        ticking.cancel()
+        assert loop.time() - started >= 0.25
+        assert max(gaps) < 0.05, max(gaps)  # never a busy-handler sleep on the loop
+        assert (audit.pending, ledger.pending) == (0, 0)
+        # 2. Held past the bound: the batch fails and is kept.
+        monkeypatch.setattr(inline_module, "BUSY_GIVE_UP_S", 0.1)
+        other.execute("BEGIN IMMEDIATE")
+        for i in range(60, 75):
             audit.record(event(i))
             ledger.record(entry(i))
         assert not await audit.flush()
         assert not await ledger.flush()
-        assert (audit.pending, ledger.pending) == (45, 45)
+        assert (audit.pending, ledger.pending) == (15, 15)
     finally:
         other.rollback()
         other.close()

@@ -215,6 +215,8 @@ async def _lock_chain(conn: AsyncConnection) -> None:
     """Serialise appenders for the rest of this transaction (released at commit/rollback)."""
     if conn.dialect.name == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": ADVISORY_LOCK_ID})
+    elif getattr(conn, "write_locked", False):
+        return  # an inline SQLite transaction (store/inline.py) begins with the write lock
     else:
         # pysqlite opens transactions lazily, at the first write; the SELECT of the last hash
         # would run unlocked and two writers could fork the chain. Take the write lock first.

@@ -14,22 +14,36 @@ against (``async with sessions() as s, s.begin()``, ``await s.execute(...)``,
 ``await s.scalar(...)``, ``await s.connection()``), so their code does not change; a session
 is one plain ``Connection`` (the writers run Core statements only). Only SQLite uses it;
 PostgreSQL's async driver (asyncpg) has no thread and needs none of this.
+
+Several worker processes share one SQLite file, and SQLite lets one writer in at a time. Its
+busy handler *sleeps* until the lock is free, which here would put the whole event loop to
+sleep (measured with two workers: batches waiting up to the busy timeout, 100 ms, on the loop).
+So these connections have no busy timeout: each transaction starts with ``BEGIN IMMEDIATE``
+(the write lock, up front), and while another process holds the lock that statement fails at
+once and is retried after an ``asyncio.sleep`` (0.5 ms, doubling to 20 ms), for at most
+:data:`BUSY_GIVE_UP_S`; only then does the batch fail (and is retried later, store/batch.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
+import time
 from types import TracebackType
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Transaction, event
 from sqlalchemy import create_engine as create_sync_engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import _sqlite_pragmas
 
-BUSY_TIMEOUT_MS = 100
+BUSY_GIVE_UP_S = 5.0
+"""How long a batch waits (asynchronously) for another process's write lock before failing."""
+_BUSY_FIRST_S = 0.0005
+_BUSY_MAX_S = 0.02
 CHECKPOINT_EVERY_S = 5.0
 log = logging.getLogger("tokyo_ia.store")
 
@@ -46,7 +60,9 @@ class InlineSessions:
     """An ``async_sessionmaker`` look-alike whose sessions run synchronously on the caller's thread."""
 
     def __init__(self, url: str) -> None:
-        self.engine: Engine = create_sync_engine(url, pool_pre_ping=True)
+        # No pre-ping: a local file's connection does not go stale, and a ping is a statement
+        # per batch on the loop.
+        self.engine: Engine = create_sync_engine(url)
         event.listen(self.engine, "connect", _sqlite_pragmas)
         event.listen(self.engine, "connect", _inline_pragmas)
         # One inline transaction at a time in this process: two writers on the same thread
@@ -73,10 +89,9 @@ class InlineSessions:
 
 
 def _inline_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    """Another process holding the write lock blocks this loop while SQLite waits: wait at
-    most :data:`BUSY_TIMEOUT_MS`, then fail the batch (it is retried on the next tick)."""
+    """No busy timeout: SQLite would sleep on the loop's thread (see the module doc)."""
     cursor = dbapi_connection.cursor()
-    cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA busy_timeout=0")
     # WAL + NORMAL: a commit does not wait for fsync (the loop would wait with it). Still safe
     # against corruption and application crashes; a power cut can lose the last commits, as
     # it loses the rows still queued in memory anyway.
@@ -138,9 +153,15 @@ class _InlineTransaction:
     async def __aenter__(self) -> _InlineTransaction:
         await self._lock.acquire()
         try:
-            self._transaction = self._session._connect().begin()
+            connection = self._session._connect()
+            self._transaction = connection.begin()
+            await _begin_immediate(connection)
         except BaseException:
-            self._lock.release()
+            try:
+                if self._transaction is not None:
+                    self._transaction.rollback()
+            finally:
+                self._lock.release()
             raise
         return self
 
@@ -154,8 +175,35 @@ class _InlineTransaction:
             self._lock.release()
 
 
+async def _begin_immediate(connection: Connection) -> None:
+    """Take SQLite's write lock, waiting for another process's with ``asyncio.sleep``."""
+    delay = _BUSY_FIRST_S
+    give_up = time.monotonic() + BUSY_GIVE_UP_S
+    while True:
+        try:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+            return
+        except OperationalError as exc:
+            if not _busy(exc) or time.monotonic() >= give_up:
+                raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _BUSY_MAX_S)
+
+
+def _busy(exc: OperationalError) -> bool:
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return "locked" in str(exc.orig)
+
+
 class _InlineConnection:
+    """The writers' view of the session's connection. Its transaction already holds SQLite's
+    write lock (``write_locked``), so the audit trail does not ask for it again."""
+
     __slots__ = ("_connection",)
+
+    write_locked = True
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
