@@ -121,6 +121,23 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
+def _scaling_rows(scaling: dict[str, Any]) -> list[str]:
+    """req/s per worker count, with the gateway's CPU per request and the cores it kept busy
+    (all its processes): what tells a machine limit from a gateway that does not scale."""
+    cpu, cores = scaling.get("cpu_us_per_request") or {}, scaling.get("gateway_cores") or {}
+    rows = [
+        "| workers | req/s | gateway CPU per request (us) | gateway cores busy |",
+        "|---:|---:|---:|---:|",
+        *(
+            f"| {w} | {_fmt(v, 0)} | {_fmt(cpu.get(w), 0)} | {_fmt(cores.get(w))} |"
+            for w, v in scaling["rps"].items()
+        ),
+    ]
+    ratio = cpu["2"] / cpu["1"] if cpu.get("1") and cpu.get("2") else None
+    rows.append(f"| 2 / 1 | {_fmt(scaling['speedup'])} | {_fmt(ratio)} | |")
+    return rows
+
+
 def markdown(report: dict[str, Any]) -> str:
     s = report["summary"]
     meta = report["meta"]
@@ -165,10 +182,7 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "## Workers (no pinning: gateway, upstream and load generator share both cores)",
             "",
-            "| workers | req/s |",
-            "|---:|---:|",
-            *(f"| {w} | {_fmt(v, 0)} |" for w, v in scaling["rps"].items()),
-            f"| 2 / 1 | {_fmt(scaling['speedup'])} |",
+            *_scaling_rows(scaling),
         ]
     lines += ["", "## Budget (DESIGN.md)", "", "| target | value | budget | ok |", "|---|---:|---|---|"]
     for row in report["budget"]:

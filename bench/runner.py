@@ -48,7 +48,7 @@ import yaml
 
 from . import client, report, wrk
 from .client import LoadResult, Probe, build_request, percentile
-from .procs import Service, free_port, pin
+from .procs import Service, cpu_seconds, free_port, pin
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "gpt-4o-mini"
@@ -428,21 +428,38 @@ class Bench:
         pin(0, self.all_cpus)
         pin(self.upstream.pid, self.all_cpus)
         rps: dict[str, float] = {}
+        cpu_us: dict[str, float] = {}
+        cores: dict[str, float] = {}
         try:
             for workers in (1, 2):
-                values = []
+                values, per_request, busy = [], [], []
                 for i in range(self.plan.repeat):
                     gateway = self.start_gateway(f"gateway-w{workers}-{i}", workers=workers, pinned=False)
-                    result, _ = self.throughput(self.targets(gateway)[2])
+                    cpu, wall = cpu_seconds(gateway.pid), time.perf_counter()
+                    result, sent = self.throughput(self.targets(gateway)[2])
+                    cpu, wall = cpu_seconds(gateway.pid) - cpu, time.perf_counter() - wall
                     values.append(result.rps)
+                    per_request.append(cpu / sent * 1e6)
+                    busy.append(cpu / wall)
                     gateway.stop()
                     self.services.remove(gateway)
-                rps[str(workers)] = statistics.median(values)
-                say(f"scaling: {workers} worker(s): {rps[str(workers)]:.0f} req/s")
+                key = str(workers)
+                rps[key], cpu_us[key], cores[key] = (
+                    statistics.median(v) for v in (values, per_request, busy)
+                )
+                say(
+                    f"scaling: {workers} worker(s): {rps[key]:.0f} req/s, gateway CPU {cpu_us[key]:.0f} us "
+                    f"per request, {cores[key]:.2f} cores busy"
+                )
         finally:
             pin(0, self.load_cpus)
             pin(self.upstream.pid, self.load_cpus)
-        return {"rps": rps, "speedup": rps["2"] / rps["1"] if rps["1"] else None}
+        return {
+            "rps": rps,
+            "speedup": rps["2"] / rps["1"] if rps["1"] else None,
+            "cpu_us_per_request": cpu_us,
+            "gateway_cores": cores,
+        }
 
 
 def _check(target: Target, status: int, body: bytes) -> None:

@@ -130,6 +130,11 @@ def test_two_workers_count_what_was_sent(emu: OpenAIEmulator, tmp_path: Path) ->
         workers = _workers(multiproc)
 
     assert len(workers) == 2, workers
+    # One access line per API request, the gateway's own: uvicorn's access log stays off in the
+    # workers too (it used to come back there, a second line per request).
+    access = [line for line in gw.log.splitlines() if '"tokyo_ia.access"' in line]
+    assert "uvicorn.access" not in gw.log
+    assert len(access) == plain + streamed + 6, len(access)
     for s in scrapes[1:]:  # pools are samples: the answering worker refreshes its own
         diff = {k: (v, scrapes[0].get(k)) for k, v in s.items() if scrapes[0].get(k) != v and k[0] != POOL}
         assert not diff, diff

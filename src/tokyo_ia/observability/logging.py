@@ -262,11 +262,18 @@ def _route_stdlib(out: BinaryIO, levelno: int, shared: list[Processor], final: P
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(levelno)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "tokyo_ia"):
+    for name in ("uvicorn", "uvicorn.error", "tokyo_ia"):
         named = logging.getLogger(name)
         named.handlers.clear()
         named.propagate = True
         named.setLevel(logging.NOTSET)
+    # The gateway writes its own access line (access_log below). uvicorn's must stay off even
+    # where this runs after uvicorn configured logging (each worker process): uvicorn turns its
+    # access log on whenever "uvicorn.access" has a handler, its ancestors' included, and then
+    # writes a second line per request through the slow stdlib path.
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers.clear()
+    uvicorn_access.propagate = False
 
 
 class _TextOver:
