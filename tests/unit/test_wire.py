@@ -344,6 +344,22 @@ async def test_tls_with_a_trusted_and_an_untrusted_certificate() -> None:
             await get(untrusted)
 
 
+async def test_releasing_twice_gives_the_connection_back_once() -> None:
+    async with serve(await answer_each(ok(b"x"))) as server:
+        pool = pool_for(server, limit=1)
+        resp = await pool.request("GET", "/", b"", within_s=5)
+        await resp.read()
+        resp.release()
+        resp.release()
+        resp.close()
+        assert pool.stats() == pool.stats().__class__(0, 1, 1)
+        first = await pool.request("GET", "/", b"", within_s=5)
+        with pytest.raises(WireTimeout, match="all 1 connections"):  # still only one slot
+            await pool.request("GET", "/", b"", within_s=0.05)
+        first.close()
+        pool.close()
+
+
 def test_header_injection_is_refused() -> None:
     assert encode_headers({"a": "1", "b": "2"}) == b"a: 1\r\nb: 2\r\n"
     for bad in ({"x": "1\r\ninjected: yes"}, {"x\n": "1"}, {"x": "nul\x00"}, {"a:b": "1"}):

@@ -309,7 +309,10 @@ class _Connection(asyncio.Protocol):
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def finish(self, force_close: bool = False) -> None:
-        """The caller is done with this exchange: back to the pool or closed."""
+        """The caller is done with this exchange: back to the pool or closed (once: a second
+        call, e.g. ``release`` then ``close``, changes nothing)."""
+        if not self.busy:
+            return
         self._stop_timer()
         reusable = not force_close and self._complete and self._keep_alive and self._error is None
         self.busy = False
