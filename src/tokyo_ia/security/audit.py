@@ -38,33 +38,8 @@ from ..store.batch import BatchWriter, slices, sqlite_datetime, sqlite_insert
 from ..store.models import AuditEntry, utcnow
 
 _TABLE = cast(Table, AuditEntry.__table__)
-#: The columns written, in the order of a row's values.
-_COLUMNS = (
-    "ts",
-    "actor_key_id",
-    "action",
-    "route",
-    "model",
-    "status",
-    "tokens_in",
-    "tokens_out",
-    "client_ip",
-    "detail",
-    "prev_hash",
-    "hash",
-)
-# Core INSERT on the table (not the ORM-enabled one): no per-row ORM book-keeping.
-_INSERT_AUDIT = insert(_TABLE)
-_SQLITE_INSERT = sqlite_insert(_TABLE, _COLUMNS)
-_LAST_HASH = select(_TABLE.c.hash).order_by(_TABLE.c.id.desc()).limit(1)
-log = logging.getLogger("tokyo_ia.audit")
-
-GENESIS_HASH = "0" * 64
-#: The advisory lock every replica takes to append ("tokyoaud" in ASCII; any constant would do).
-ADVISORY_LOCK_ID = 0x746F6B796F617564
-_VERIFY_PAGE = 1000
-_INT32 = (-(2**31), 2**31 - 1)
-#: The fields covered by the hash, in no particular order (the JSON is key-sorted).
+#: The fields covered by the hash (its JSON is key-sorted, so their order does not matter
+#: there), in the order :func:`_prepare` gives a row's values.
 HASHED_FIELDS = (
     "ts",
     "actor_key_id",
@@ -77,6 +52,19 @@ HASHED_FIELDS = (
     "client_ip",
     "detail",
 )
+#: The columns written, in the order of a row's values.
+_COLUMNS = (*HASHED_FIELDS, "prev_hash", "hash")
+# Core INSERT on the table (not the ORM-enabled one): no per-row ORM book-keeping.
+_INSERT_AUDIT = insert(_TABLE)
+_SQLITE_INSERT = sqlite_insert(_TABLE, _COLUMNS)
+_LAST_HASH = select(_TABLE.c.hash).order_by(_TABLE.c.id.desc()).limit(1)
+log = logging.getLogger("tokyo_ia.audit")
+
+GENESIS_HASH = "0" * 64
+#: The advisory lock every replica takes to append ("tokyoaud" in ASCII; any constant would do).
+ADVISORY_LOCK_ID = 0x746F6B796F617564
+_VERIFY_PAGE = 1000
+_INT32 = (-(2**31), 2**31 - 1)
 
 Row = dict[str, Any]
 
