@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from tokyo_ia.server.protocol import BoundedHttpToolsProtocol
@@ -58,12 +59,14 @@ def body(data: bytes, more: bool = False) -> Message:
     return {"type": "http.response.body", "body": data, "more_body": more}
 
 
-async def serve_one(app: Any, request: bytes) -> RecordingTransport:
-    config = uvicorn.Config(app, http=BoundedHttpToolsProtocol, access_log=False, server_header=False)
+async def serve_one(
+    app: Any, request: bytes, protocol_class: type[HttpToolsProtocol] = BoundedHttpToolsProtocol
+) -> RecordingTransport:
+    config = uvicorn.Config(app, http=protocol_class, access_log=False, server_header=False)
     config.load()
     state = ServerState()
     state.default_headers = [(b"date", b"Tue, 24 Nov 2026 03:00:00 GMT")]  # uvicorn's, refreshed each second
-    protocol = BoundedHttpToolsProtocol(config=config, server_state=state, app_state={})
+    protocol = protocol_class(config=config, server_state=state, app_state={})
     transport = RecordingTransport()
     protocol.connection_made(transport)
     protocol.data_received(request)
@@ -99,14 +102,43 @@ async def test_http_1_0_gets_connection_close_and_a_closed_socket() -> None:
     assert transport.closed
 
 
+STREAM = (start(200, JSON), body(b'data: {"a":1}\n\n', True), body(b"data: [DONE]\n\n", True), body(b""))
+SEQUENCES = {
+    "sized": (start(200, JSON, (b"content-length", b"2")), body(b"{}")),
+    "stream": STREAM,
+    "stream-one-part": (start(200, JSON), body(b"all at once")),
+    "stream-empty-first": (start(200, JSON), body(b"", True), body(b"x")),
+    "sized-in-parts": (start(200, (b"content-length", b"4")), body(b"ab", True), body(b"cd")),
+    "connection-header": (start(200, (b"content-length", b"2"), (b"connection", b"close")), body(b"ok")),
+    "no-content": (start(204), body(b"")),
+}
+
+
+@pytest.mark.parametrize("name", SEQUENCES)
+@pytest.mark.parametrize("request_line", [GET, b"GET /x HTTP/1.0\r\n\r\n"], ids=["1.1", "1.0"])
+async def test_the_bytes_on_the_wire_are_uvicorns(name: str, request_line: bytes) -> None:
+    """Whatever the path, the client receives exactly what uvicorn alone would send."""
+    ours = await serve_one(reply_with(*SEQUENCES[name]), request_line)
+    theirs = await serve_one(reply_with(*SEQUENCES[name]), request_line, HttpToolsProtocol)
+    assert b"".join(ours.writes) == b"".join(theirs.writes)
+    assert ours.closed_by_server == theirs.closed_by_server
+
+
+async def test_a_streams_head_goes_out_with_its_first_chunk() -> None:
+    transport = await serve_one(reply_with(*STREAM), GET)
+    first = transport.writes[0]
+    assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert first.endswith(b'transfer-encoding: chunked\r\n\r\nf\r\ndata: {"a":1}\n\n\r\n')
+    assert transport.writes[1:] == [b"e\r\ndata: [DONE]\n\n\r\n", b"0\r\n\r\n"]
+
+
 @pytest.mark.parametrize(
     ("messages", "request_line"),
     [
-        ((start(200, JSON), body(b'{"a":', True), body(b"1}")), GET),  # no length: chunked
-        ((start(200, (b"content-length", b"4")), body(b"ab", True), body(b"cd")), GET),  # in parts
-        ((start(200, (b"content-length", b"2"), (b"connection", b"close")), body(b"ok")), GET),
+        (SEQUENCES["sized-in-parts"], GET),
+        (SEQUENCES["connection-header"], GET),
     ],
-    ids=["chunked", "body-in-parts", "connection-header"],
+    ids=["body-in-parts", "connection-header"],
 )
 async def test_everything_else_goes_through_uvicorn_unchanged(
     messages: tuple[Message, ...], request_line: bytes

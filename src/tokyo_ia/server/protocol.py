@@ -1,5 +1,5 @@
 """uvicorn's httptools protocol, with a bound on the size of request headers and one write per
-JSON response.
+response head and first body part.
 
 httptools buffers a request's headers without any limit (measured: 200 MB of headers were
 accepted, and held in memory, before the app saw the request). This subclass counts the bytes
@@ -11,10 +11,12 @@ checked again in the app (``headers.py``).
 uvicorn writes a response's head and its body with two ``transport.write`` calls, so every JSON
 answer costs two ``send`` system calls (each one, on loopback, also delivers the segment to the
 reader) and checks each header against two regular expressions. :class:`OneWriteCycle` holds
-the head of a response that declares its ``content-length`` until the body comes and writes
-both at once, checking the header names and values in one pass each; anything else (streams,
-HEAD, a ``connection`` header, uvicorn's access log) goes through uvicorn's own code unchanged.
-Measured on the gateway's cache-hit path: ~1 in 8 of the CPU per request was ``send``.
+a response's head until its first body message and writes both at once: a sized answer whole,
+a stream's head with its first chunk (chunk-encoded as uvicorn does; the rest of the stream goes
+through uvicorn), checking the header names and values in one pass each. Anything else (HEAD,
+1xx/204/304, a ``connection`` or ``transfer-encoding`` header, uvicorn's access log) goes
+through uvicorn's own code unchanged. Measured on the gateway's cache-hit path: ~1 in 8 of the
+CPU per request was ``send``.
 
 The limit travels in ``$TOKYO_IA_MAX_HEADER_BYTES`` (set by ``tokyo-ia serve``), because uvicorn
 creates this class in each worker process from its import path.
@@ -79,8 +81,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 class OneWriteCycle(RequestResponseCycle):
     """uvicorn's request/response cycle, writing a sized response's head and body together."""
 
-    held: tuple[Any, bytes, int] | None
-    """The start message, its head (without the final CRLF) and its content-length."""
+    held: tuple[Any, bytes, int | None] | None
+    """The start message, its head (without the final CRLF) and its content-length (None:
+    chunked)."""
 
     async def send(self, message: Any) -> None:
         if message["type"] == "http.response.start" and not self.response_started:
@@ -98,44 +101,57 @@ class OneWriteCycle(RequestResponseCycle):
         self.held = None
         start, head, length = held
         body = message.get("body", b"")
+        more = message.get("more_body", False)
         if (
             message["type"] != "http.response.body"
-            or message.get("more_body", False)
-            or len(body) != length
+            or (length is not None and (more or len(body) != length))
             or self.disconnected
             or self.flow.write_paused
         ):
             await super().send(start)  # uvicorn's own path, with its checks and errors
             await super().send(message)
             return
-        # What uvicorn's send does for the start and the final body message, in one write.
+        # What uvicorn's send does for the start and this first body message, in one write.
         self.response_started = True
         self.waiting_for_100_continue = False
-        self.chunked_encoding = False
         self.expected_content_length = 0
         close = b"" if self.keep_alive else b"connection: close\r\n"
-        self.transport.write(head + close + b"\r\n" + body)
+        if length is not None:
+            self.chunked_encoding = False
+            self.transport.write(head + close + b"\r\n" + body)
+        else:  # a stream: its head and first chunk together, the rest through uvicorn
+            self.chunked_encoding = True
+            chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            tail = b"" if more else b"0\r\n\r\n"
+            self.transport.write(head + close + b"transfer-encoding: chunked\r\n\r\n" + chunk + tail)
+            if more:
+                return
         self.response_complete = True
         self.message_event.set()
         if not self.keep_alive:
             self.transport.close()
         self.on_response()
 
-    def _head(self, message: Any) -> tuple[bytes, int] | None:
-        """Status line and headers of a response with a ``content-length`` and nothing that
-        changes how uvicorn frames it; None sends it through uvicorn's code instead."""
-        if self.access_log or self.scope["method"] == "HEAD":
+    def _head(self, message: Any) -> tuple[bytes, int | None] | None:
+        """Status line and headers, and the ``content-length`` (None: the body will be chunked),
+        of a response with nothing that changes how uvicorn frames it; None sends it through
+        uvicorn's code instead."""
+        status = message["status"]
+        if self.access_log or self.scope["method"] == "HEAD" or status < 200 or status in (204, 304):
             return None
         headers = [*self.default_headers, *message.get("headers", ())]
         names = [name.lower() for name, _ in headers]
-        if b"connection" in names or b"transfer-encoding" in names or b"content-length" not in names:
+        if b"connection" in names or b"transfer-encoding" in names:
             return None
         if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join(v for _, v in headers)):
             return None  # uvicorn raises the error
-        length = headers[names.index(b"content-length")][1]
-        if not length.isdigit():
-            return None
-        lines = [STATUS_LINE[message["status"]]]
+        length: int | None = None
+        if b"content-length" in names:
+            declared = headers[names.index(b"content-length")][1]
+            if not declared.isdigit():
+                return None
+            length = int(declared)
+        lines = [STATUS_LINE[status]]
         for name, (_, value) in zip(names, headers, strict=True):
             lines += (name, b": ", value, b"\r\n")
-        return b"".join(lines), int(length)
+        return b"".join(lines), length
