@@ -23,12 +23,12 @@ import orjson
 from . import wrk
 from .runner import CHAT, STREAM, Bench, Plan
 
-# First match wins, in this order: a sample inside the aiohttp client under the pipeline is
+# First match wins, in this order: a sample inside the upstream client under the pipeline is
 # "upstream call", not "pipeline".
 AREAS: list[tuple[str, str]] = [
     ("audit + spend-ledger writers (SQLAlchemy, aiosqlite)", r"aiosqlite/|sqlalchemy/|store/batch\.py"),
-    ("upstream call (aiohttp client, providers/)", r"aiohttp/|tokyo_ia/providers/|multidict/|yarl/"),
-    ("access log (structlog)", r"access_log|structlog/|observability/logging\.py"),
+    ("upstream call (providers/: wire.py client, provider code)", r"tokyo_ia/providers/"),
+    ("access log", r"access_log|structlog/|observability/logging\.py"),
     ("metrics (prometheus_client)", r"prometheus_client/|observability/metrics\.py"),
     ("audit/ledger rows built on the request path", r"spend_entry|AuditEvent|accounting/ledger\.py"),
     ("tracing", r"observability/tracing\.py|opentelemetry/"),
