@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -52,8 +53,10 @@ class Emulator:
 
     api_key = "test-key"
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: serve HTTPS with it (the URL becomes ``https://``)."""
         self.port = port or free_port()
+        self.ssl_context = ssl_context
         self.state = EmulatorState()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -62,7 +65,8 @@ class Emulator:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     def build_app(self) -> web.Application:
         raise NotImplementedError
@@ -88,7 +92,7 @@ class Emulator:
             app, handle_signals=False, handler_cancellation=True, shutdown_timeout=0.5
         )
         loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", self.port)
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.ssl_context)
         loop.run_until_complete(site.start())
         self._ready.set()
         loop.run_forever()
