@@ -318,9 +318,10 @@ async def test_lines_across_chunk_boundaries_and_back_pressure_on_a_big_stream()
         await reader.read()
 
     async with serve(big) as server:
-        pool = pool_for(server)
+        pool = pool_for(server, read_timeout_s=0.05)
         resp = await pool.request("GET", "/", b"", within_s=30)
         await asyncio.sleep(0.2)  # a slow consumer: reading pauses instead of buffering it all
+        # (and that pause, longer than the read timeout, is not the upstream's silence)
         received = [line async for line in resp.iter_lines()]
         resp.release()
         assert received == [*lines, b"tail"]
@@ -357,6 +358,19 @@ async def test_releasing_twice_gives_the_connection_back_once() -> None:
         with pytest.raises(WireTimeout, match="all 1 connections"):  # still only one slot
             await pool.request("GET", "/", b"", within_s=0.05)
         first.close()
+        pool.close()
+
+
+async def test_bytes_after_a_complete_answer_are_not_part_of_it() -> None:
+    async with serve(await answer_each(ok(b"mine") + ok(b"unasked"))) as server:
+        pool = pool_for(server)
+        resp = await pool.request("GET", "/", b"", within_s=5)
+        await asyncio.sleep(0.05)  # the extra answer arrives before the body is read
+        assert await resp.read() == b"mine"
+        resp.release()
+        assert pool.stats().idle == 0  # a connection that said too much is not reused
+        assert await get(pool) == (200, b"mine")
+        assert server.connections == 2
         pool.close()
 
 

@@ -151,6 +151,7 @@ class _Connection(asyncio.Protocol):
         self._framed = True
         self._paused = False
         self._streaming = False
+        self._extra = False
         self._decoder: zlib._Decompress | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._expires = 0.0
@@ -165,6 +166,9 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.busy:  # an idle connection has nothing to say: a stray byte ends it
             self._abort()
+            return
+        if self._complete:  # bytes after a complete answer: never part of it, never reused
+            self._keep_alive = False
             return
         self._last_io = self.loop.time()
         try:
@@ -196,13 +200,22 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self._complete:  # a second answer to one request: never part of the first, never reused
+            self._keep_alive = False
+            self._extra = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._extra:
+            return
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         known = self._headers.get(key)
         self._headers[key] = text if known is None else f"{known}, {text}"
 
     def on_headers_complete(self) -> None:
+        if self._extra:
+            return
         status = self.parser.get_status_code()
         if status < 200:  # 1xx informational: the real answer follows
             self._headers = {}
@@ -222,6 +235,8 @@ class _Connection(asyncio.Protocol):
             head.set_result(Response(self, status, headers))
 
     def on_body(self, body: bytes) -> None:
+        if self._extra:
+            return
         if self._decoder is not None:
             try:
                 body = self._decoder.decompress(body)
@@ -244,7 +259,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_message_complete(self) -> None:
-        if self._status == 0:  # the end of a 1xx
+        if self._status == 0 or self._extra:  # the end of a 1xx, or of an answer nobody asked for
             return
         if self._decoder is not None:
             tail = self._decoder.flush()
@@ -271,6 +286,7 @@ class _Connection(asyncio.Protocol):
         self._error = None
         self._framed = True
         self._streaming = False
+        self._extra = False
         self._decoder = None
         self._head = self.loop.create_future()
         now = self._last_io = self.loop.time()
@@ -305,6 +321,7 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         if self._paused and self.transport is not None:
             self._paused = False
+            self._last_io = self.loop.time()  # the silence while paused was ours, not the upstream's
             self.transport.resume_reading()
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
@@ -370,7 +387,9 @@ class _Connection(asyncio.Protocol):
         now = self.loop.time()
         if now >= self._expires:
             self._fail(WireTimeout("the upstream did not answer within the time allowed"))
-        elif self._read_timeout is not None and now - self._last_io >= self._read_timeout:
+        elif (
+            self._read_timeout is not None and not self._paused and now - self._last_io >= self._read_timeout
+        ):
             self._fail(WireTimeout(f"the upstream sent nothing for {self._read_timeout:g} s"))
         else:
             self._timer = self.loop.call_at(self._next_check(now), self._on_timer)
