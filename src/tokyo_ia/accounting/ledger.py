@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Table, insert
 
-from ..store.batch import BatchWriter, slices, sqlite_datetime, sqlite_insert
+from ..store.batch import BatchWriter, cut_text, slices, sqlite_datetime, sqlite_insert
 from ..store.models import USD_SCALE, SpendRecord, utcnow
 
 if TYPE_CHECKING:
@@ -126,11 +126,6 @@ def _money(value: Decimal | float) -> Decimal:
     return exact if exact.is_finite() and abs(exact) < _MAX_USD else _ZERO
 
 
-def _cut(value: Any, width: int) -> str | None:
-    """Text cut to its column's width (store/models.py), so one entry never poisons a batch."""
-    return None if value is None else str(value)[:width]
-
-
 def _values(entry: SpendEntry, sqlite: bool) -> tuple[Any, ...]:
     """The row in :data:`_COLUMNS` order. On SQLite, as SQLAlchemy's column types would bind it
     (time as text, money as an integer count of 1e-10 USD): it goes straight to ``executemany``."""
@@ -138,20 +133,20 @@ def _values(entry: SpendEntry, sqlite: bool) -> tuple[Any, ...]:
     created_at = entry.created_at
     return (
         sqlite_datetime(created_at) if sqlite else created_at,
-        _cut(entry.request_id, 128),
-        _cut(entry.key_id, 128),
-        _cut(entry.team, 200),
-        _cut(entry.model, 256),
-        _cut(entry.provider, 128),
-        _cut(entry.upstream_model, 256),
-        _cut(entry.route, 256),
+        cut_text(entry.request_id, 128),
+        cut_text(entry.key_id, 128),
+        cut_text(entry.team, 200),
+        cut_text(entry.model, 256),
+        cut_text(entry.provider, 128),
+        cut_text(entry.upstream_model, 256),
+        cut_text(entry.route, 256),
         _count(entry.tokens_in),
         _count(entry.tokens_out),
         None if entry.cached_tokens is None else _count(entry.cached_tokens),
         int(cost.quantize(_USD_UNIT).scaleb(USD_SCALE)) if sqlite else cost,
         float(entry.latency_ms),
         entry.status,
-        _cut(entry.cache_status, 16),
+        cut_text(entry.cache_status, 16),
         _count(entry.attempts),
     )
 

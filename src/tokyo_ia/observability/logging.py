@@ -68,9 +68,7 @@ def _redact_mapping(fields: MutableMapping[str, Any]) -> None:
         if masked:
             fields[name] = REDACTED
         elif type(value) is str:
-            # A whole key is 20+ characters; short strings (ids, model names) skip the regex.
-            if len(value) > 19 and ("sk-" in value or "earer " in value):
-                fields[name] = _INLINE_SECRET.sub(REDACTED, value)
+            fields[name] = _masked(value)
         elif type(value) is dict:
             copy = dict(value)  # never mutate the caller's object
             _redact_mapping(copy)
@@ -361,7 +359,8 @@ def access_log(
 
 
 def _masked(value: str | None) -> str | None:
-    """``value`` with any inline credential masked (cheap for the short strings that have none)."""
+    """``value`` with any inline credential masked. A whole key is 20+ characters: short strings
+    (ids, model names) and strings without a key's marks skip the regex."""
     if value is not None and len(value) > 19 and ("sk-" in value or "earer " in value):
         return _INLINE_SECRET.sub(REDACTED, value)
     return value

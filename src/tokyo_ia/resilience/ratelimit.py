@@ -329,18 +329,41 @@ def format_duration(seconds: float) -> str:
 
 def headers(decision: Decision) -> list[tuple[bytes, bytes]]:
     """The ``x-ratelimit-*`` response headers, for each limit that applies to the request."""
+    return _header_lines(
+        None if decision.limit_requests is None else _limit_line(b"requests", decision.limit_requests),
+        decision.remaining_requests,
+        decision.reset_requests,
+        None if decision.limit_tokens is None else _limit_line(b"tokens", decision.limit_tokens),
+        decision.remaining_tokens,
+        decision.reset_tokens,
+    )
+
+
+def _limit_line(kind: bytes, limit: int) -> tuple[bytes, bytes]:
+    return b"x-ratelimit-limit-" + kind, b"%d" % limit
+
+
+def _header_lines(
+    limit_requests: tuple[bytes, bytes] | None,
+    remaining_requests: int | None,
+    reset_requests: float,
+    limit_tokens: tuple[bytes, bytes] | None,
+    remaining_tokens: int | None,
+    reset_tokens: float,
+) -> list[tuple[bytes, bytes]]:
+    """The headers of the limits given (their ``limit`` line ready-made, or None: not limited)."""
     out: list[tuple[bytes, bytes]] = []
-    if decision.limit_requests is not None:
+    if limit_requests is not None:
         out += (
-            (b"x-ratelimit-limit-requests", b"%d" % decision.limit_requests),
-            (b"x-ratelimit-remaining-requests", b"%d" % (decision.remaining_requests or 0)),
-            (b"x-ratelimit-reset-requests", format_duration(decision.reset_requests).encode()),
+            limit_requests,
+            (b"x-ratelimit-remaining-requests", b"%d" % (remaining_requests or 0)),
+            (b"x-ratelimit-reset-requests", format_duration(reset_requests).encode()),
         )
-    if decision.limit_tokens is not None:
+    if limit_tokens is not None:
         out += (
-            (b"x-ratelimit-limit-tokens", b"%d" % decision.limit_tokens),
-            (b"x-ratelimit-remaining-tokens", b"%d" % (decision.remaining_tokens or 0)),
-            (b"x-ratelimit-reset-tokens", format_duration(decision.reset_tokens).encode()),
+            limit_tokens,
+            (b"x-ratelimit-remaining-tokens", b"%d" % (remaining_tokens or 0)),
+            (b"x-ratelimit-reset-tokens", format_duration(reset_tokens).encode()),
         )
     return out
 
@@ -358,30 +381,23 @@ class Meter:
         self.label = scope.partition(":")[0]
         """The metrics label of the scope (``key:<id>`` counts as ``key``)."""
         rpm, tpm = limits.rpm, limits.tpm
-        self._limit_requests = None if rpm is None else (b"x-ratelimit-limit-requests", b"%d" % rpm)
-        self._limit_tokens = None if tpm is None else (b"x-ratelimit-limit-tokens", b"%d" % tpm)
+        self._limit_requests = None if rpm is None else _limit_line(b"requests", rpm)
+        self._limit_tokens = None if tpm is None else _limit_line(b"tokens", tpm)
 
     def decision(self, tokens: int, outcome: Outcome) -> Decision:
         return decision_from(self.scope, self.limits, tokens, outcome)
 
     def headers(self, outcome: Outcome) -> list[tuple[bytes, bytes]]:
         """``headers(self.decision(tokens, outcome))``, the same list, without the Decision."""
-        out: list[tuple[bytes, bytes]] = []
-        if self._limit_requests is not None:
-            reset, limit = outcome.reset_requests, self.limits.rpm
-            out += (
-                self._limit_requests,
-                (b"x-ratelimit-remaining-requests", b"%d" % (_remaining(limit, reset) or 0)),
-                (b"x-ratelimit-reset-requests", format_duration(reset).encode()),
-            )
-        if self._limit_tokens is not None:
-            reset, limit = outcome.reset_tokens, self.limits.tpm
-            out += (
-                self._limit_tokens,
-                (b"x-ratelimit-remaining-tokens", b"%d" % (_remaining(limit, reset) or 0)),
-                (b"x-ratelimit-reset-tokens", format_duration(reset).encode()),
-            )
-        return out
+        limits = self.limits
+        return _header_lines(
+            self._limit_requests,
+            _remaining(limits.rpm, outcome.reset_requests),
+            outcome.reset_requests,
+            self._limit_tokens,
+            _remaining(limits.tpm, outcome.reset_tokens),
+            outcome.reset_tokens,
+        )
 
 
 def describe_scope(scope: str) -> str:

@@ -34,7 +34,7 @@ import orjson
 from sqlalchemy import Table, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
-from ..store.batch import BatchWriter, slices, sqlite_datetime, sqlite_insert
+from ..store.batch import BatchWriter, cut_text, slices, sqlite_datetime, sqlite_insert
 from ..store.models import AuditEntry, utcnow
 
 _TABLE = cast(Table, AuditEntry.__table__)
@@ -130,11 +130,6 @@ def _clamp(value: int | None) -> int | None:
     return None if value is None else max(_INT32[0], min(_INT32[1], int(value)))
 
 
-def _cut(value: Any, width: int) -> str | None:
-    """Text cut to its column's width (store/models.py), so one event never poisons a batch."""
-    return None if value is None else str(value)[:width]
-
-
 def _json_detail(detail: dict[str, Any] | None) -> Any:
     """``detail`` as it will be read back; never raises, so one odd value cannot block a batch."""
     try:
@@ -157,14 +152,14 @@ def _prepare(event: AuditEvent, sqlite: bool) -> tuple[tuple[Any, ...], bytes]:
     """
     ts = event.ts
     ts = (ts if ts.tzinfo else ts.replace(tzinfo=UTC)).astimezone(UTC)
-    actor_key_id = _cut(event.actor_key_id, 128)
+    actor_key_id = cut_text(event.actor_key_id, 128)
     action = event.action[:64]
-    route = _cut(event.route, 256)
-    model = _cut(event.model, 256)
+    route = cut_text(event.route, 256)
+    model = cut_text(event.model, 256)
     status = _clamp(event.status)
     tokens_in = _clamp(event.tokens_in)
     tokens_out = _clamp(event.tokens_out)
-    client_ip = _cut(event.client_ip, 64)
+    client_ip = cut_text(event.client_ip, 64)
     detail = _json_detail(event.detail)
     canonical = _canonical(
         {

@@ -34,7 +34,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import orjson
 from sqlalchemy import Table
@@ -60,6 +60,11 @@ def sqlite_insert(table: Table, columns: Sequence[str]) -> str:
     with tuples in that order. Unknown columns fail here, at import, not at the first write."""
     names = ", ".join(table.c[name].name for name in columns)
     return f"INSERT INTO {table.name} ({names}) VALUES ({', '.join('?' * len(columns))})"
+
+
+def cut_text(value: Any, width: int) -> str | None:
+    """Text cut to its column's width (store/models.py), so one row never poisons a batch."""
+    return None if value is None else str(value)[:width]
 
 
 _SQLITE_DATETIME = "%04d-%02d-%02d %02d:%02d:%02d.%06d"
