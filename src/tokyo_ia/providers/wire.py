@@ -177,10 +177,8 @@ class _Connection(asyncio.Protocol):
             self._fail(WireError(f"the upstream broke the HTTP protocol: {exc}"))
             self._abort()
 
-    def eof_received(self) -> bool | None:
-        return None  # close the transport; connection_lost settles the exchange
-
     def connection_lost(self, exc: Exception | None) -> None:
+        # Also after the peer's EOF: asyncio's default eof_received closes the transport.
         self.closed = True
         self.pool.forget(self)
         if not self.busy or self._complete:
@@ -191,12 +189,6 @@ class _Connection(asyncio.Protocol):
         reason = f": {exc}" if exc is not None else ""
         where = "before its answer" if self._head is not None else "in the middle of its answer"
         self._fail(WireError(f"the upstream closed the connection {where}{reason}"))
-
-    def pause_writing(self) -> None:  # large request bodies: the transport buffers them
-        pass
-
-    def resume_writing(self) -> None:
-        pass
 
     # -- httptools callbacks ----------------------------------------------------------------
 
@@ -300,9 +292,7 @@ class _Connection(asyncio.Protocol):
         return self._head
 
     async def read_all(self) -> bytes:
-        while not self._complete:
-            if self._error is not None:
-                raise self._error
+        while not self._complete and self._error is None:
             await self._wait()
         if self._error is not None:
             raise self._error
