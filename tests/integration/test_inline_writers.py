@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, insert, select
 from sqlalchemy.dialects import sqlite
+from sqlalchemy.exc import DBAPIError
 
 from tests.integration.test_audit import GOLDEN_HASHES, event, golden_events
 from tests.integration.test_ledger import entry
@@ -131,6 +132,33 @@ async def test_another_process_holding_the_lock_delays_the_writers_without_block
             assert list(ids) == [f"req-{i}" for i in range(75)]
     finally:
         await engine.dispose()
+
+
+async def test_a_refused_row_fails_its_whole_batch_as_a_sqlalchemy_error(tmp_path: Path) -> None:
+    """Rows go to the driver's executemany directly; a row the database refuses still fails
+    the way SQLAlchemy reports it (a DBAPIError with the statement), and nothing of its batch
+    is stored."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'refused.db'}"
+    await upgrade(url)
+    inline = InlineSessions(sync_sqlite_url(url) or "")
+    insert_sql = "INSERT INTO spend_ledger (created_at, request_id, route, tokens_in, tokens_out, " \
+        "cost_usd, latency_ms, status, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"  # fmt: skip
+    good = ("2026-01-01 00:00:00.000000", "req-good", "/v1/x", 1, 1, 0, 1.0, 200, 1)
+    bad = ("2026-01-01 00:00:00.000000", None, "/v1/x", 1, 1, 0, 1.0, 200, 1)  # request_id NOT NULL
+    with pytest.raises(DBAPIError, match=r"NOT NULL constraint failed: spend_ledger\.request_id") as info:
+        async with inline() as session, session.begin():
+            conn = await session.connection()
+            await conn.exec_driver_sql(insert_sql, [good, good])
+            await conn.exec_driver_sql(insert_sql, [good, bad])
+    assert isinstance(info.value.orig, sqlite3.IntegrityError) and "INSERT INTO spend_ledger" in str(
+        info.value
+    )
+    async with inline() as session, session.begin():
+        conn = await session.connection()
+        await conn.exec_driver_sql(insert_sql, [good])
+    inline.dispose()
+    rows = sqlite3.connect(tmp_path / "refused.db").execute("SELECT count(*) FROM spend_ledger").fetchone()
+    assert rows == (1,)  # the refused batch rolled back whole; the next one went in
 
 
 # -- the lean SQLite rows -----------------------------------------------------------------

@@ -285,6 +285,38 @@ async def test_pool_limit_makes_callers_wait_then_time_out() -> None:
         pool.close()
 
 
+async def test_waiting_callers_get_slots_in_order_and_cancelled_waits_leak_none() -> None:
+    gate = asyncio.Event()
+    paths: list[bytes] = []
+
+    async def gated(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
+        while (request := await read_request(reader, server)) is not None:
+            paths.append(request.split(b" ")[1])
+            await gate.wait()
+            writer.write(ok(b"done"))
+            await writer.drain()
+
+    async with serve(gated) as server:
+        pool = pool_for(server, limit=2)
+        busy = [asyncio.ensure_future(get(pool, f"/busy{i}")) for i in range(2)]
+        await asyncio.sleep(0.05)
+        waiting = [asyncio.ensure_future(get(pool, f"/wait{i}")) for i in range(4)]
+        await asyncio.sleep(0.05)
+        waiting[1].cancel()  # gives up while waiting: must not take (or lose) a slot
+        with pytest.raises(asyncio.CancelledError):
+            await waiting[1]
+        gate.set()
+        for task in [*busy, waiting[0], *waiting[2:]]:
+            assert await task == (200, b"done")
+        assert paths[:2] == [b"/busy0", b"/busy1"] or paths[:2] == [b"/busy1", b"/busy0"]
+        assert paths[2:] == [b"/wait0", b"/wait2", b"/wait3"]  # first come, first served
+        stats = pool.stats()
+        assert (stats.active, stats.idle, server.connections) == (0, 2, 2)
+        # Every slot came back: two more at once go straight through on the idle connections.
+        assert await asyncio.gather(get(pool), get(pool)) == [(200, b"done")] * 2
+        pool.close()
+
+
 async def test_abandoned_stream_closes_its_connection() -> None:
     async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server) -> None:
         await read_request(reader, server)

@@ -34,6 +34,7 @@ import asyncio
 import ssl
 import time
 import zlib
+from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from urllib.parse import urlsplit
 
@@ -421,8 +422,8 @@ class Pool:
         self.read_timeout_s = read_timeout_s
         self._idle: list[_Connection] = []
         self._all: set[_Connection] = set()
-        self._slots: asyncio.Semaphore | None = None
-        self._active = 0
+        self._active = 0  # connections handed out (each holds one of ``limit`` slots)
+        self._waiters: deque[asyncio.Future[None]] = deque()  # callers waiting for a slot
         self._loop: asyncio.AbstractEventLoop | None = None
 
     @property
@@ -466,19 +467,12 @@ class Pool:
             raise
 
     async def _acquire(self, within_s: float) -> _Connection:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.limit)
-        if self._slots.locked():
-            try:
-                async with asyncio.timeout(within_s):
-                    await self._slots.acquire()
-            except TimeoutError:
-                raise WireTimeout(
-                    f"all {self.limit} connections to {self.host}:{self.port} stayed busy"
-                ) from None
+        # A plain counter, not an asyncio.Semaphore: taking a free slot costs no await, and
+        # Semaphore.locked() scans its waiters on every call (Python 3.11).
+        if self._active < self.limit and not self._waiters:
+            self._active += 1
         else:
-            await self._slots.acquire()
-        self._active += 1
+            await self._wait_for_slot(within_s)
         now = self.loop.time()
         idle = self._idle
         while idle:
@@ -489,9 +483,36 @@ class Pool:
         try:
             return await self._connect(min(within_s, self.connect_timeout_s))
         except BaseException:
-            self._active -= 1
-            self._slots.release()
+            self._release_slot()
             raise
+
+    async def _wait_for_slot(self, within_s: float) -> None:
+        """Wait, first come first served, until a released slot is handed to this caller."""
+        waiter: asyncio.Future[None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(within_s):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self._release_slot()  # handed a slot just as the wait ended: pass it on
+            else:
+                waiter.cancel()  # skipped by _release_slot
+            if isinstance(exc, TimeoutError):
+                raise WireTimeout(
+                    f"all {self.limit} connections to {self.host}:{self.port} stayed busy"
+                ) from None
+            raise
+
+    def _release_slot(self) -> None:
+        """A slot is free: hand it to the longest waiting caller, else count it free."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on: _active stays as it is
+                return
+        self._active -= 1
 
     async def _connect(self, within_s: float) -> _Connection:
         try:
@@ -514,7 +535,6 @@ class Pool:
 
     def give_back(self, conn: _Connection, reusable: bool) -> None:
         """A connection's exchange is over (called once per :meth:`request` that returned)."""
-        self._active -= 1
         if reusable and not conn.closed:
             now = self.loop.time()
             conn.idle_since = now
@@ -523,8 +543,7 @@ class Pool:
             # The oldest idle connections are at the bottom: close those kept too long.
             while idle and now - idle[0].idle_since >= self.keepalive_s:
                 idle.pop(0)._abort()
-        if self._slots is not None:
-            self._slots.release()
+        self._release_slot()
 
     def forget(self, conn: _Connection) -> None:
         self._all.discard(conn)
