@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from ..routing.catalog import Deployment
     from .redis import RedisCoalescer
 
+_MAX_PRICED = 10_000
+"""Entries whose cost :meth:`ResponseCache._saved_cost` remembers at most."""
+
 STORABLE_FINISH = frozenset({"stop", "length", "tool_calls", "function_call"})
 """Answers are stored only when every choice ended with one of these reasons."""
 
@@ -73,6 +76,7 @@ class ResponseCache:
         self.coalesced = 0
         self.usd_saved = 0.0
         self._leaders: dict[str, RequestContext] = {}
+        self._costs: dict[str, tuple[float, float]] = {}  # cache key -> (entry.created_at, cost)
 
     def key(self, ctx: RequestContext, body: JSON) -> str:
         principal = ctx.principal
@@ -100,7 +104,7 @@ class ResponseCache:
         """The answer to ``body``: from the cache, from an identical call in flight, or ``call()``."""
         control, key, entry = await self._lookup(ctx, body)
         if entry is not None:
-            return self._served(ctx, entry, candidates, "hit")
+            return self._served(ctx, entry, candidates, "hit", key)
         led = False
 
         async def fetch() -> CachedEntry:
@@ -117,7 +121,7 @@ class ResponseCache:
         else:
             entry = await self.coalescer.run(key, fetch)
         if not led:
-            return self._served(ctx, entry, candidates, "coalesced")
+            return self._served(ctx, entry, candidates, "coalesced", key)
         self._count(ctx, "miss")
         ctx.usage = entry.usage
         return entry.response
@@ -139,7 +143,7 @@ class ResponseCache:
         """
         control, key, entry = await self._lookup(ctx, body)
         if entry is not None:
-            self._served(ctx, entry, candidates, "hit")
+            self._served(ctx, entry, candidates, "hit", key)
             chunks = completion_to_chunks(entry.response)
             return chunks[0], _replay(chunks[1:]), False
         led = False
@@ -208,16 +212,28 @@ class ResponseCache:
         return CachedEntry.of(response, provider=d.provider.name if d else "", model=d.model if d else "")
 
     def _served(
-        self, ctx: RequestContext, entry: CachedEntry, candidates: list[Deployment], how: str
+        self, ctx: RequestContext, entry: CachedEntry, candidates: list[Deployment], how: str, key: str
     ) -> JSON:
         """A hit or a coalesced answer: nothing charged; headers name who made the answer."""
         ctx.deployment = _origin(entry, candidates)
         ctx.usage = None
         ctx.cost_usd = 0.0
         if self.prices is not None and entry.usage and entry.model:
-            self.usd_saved += float(self.prices.cost(entry.model, entry.usage))
+            self.usd_saved += self._saved_cost(key, entry)
         self._count(ctx, how)
         return entry.response
+
+    def _saved_cost(self, key: str, entry: CachedEntry) -> float:
+        """What the answer cost when it was made: priced once per stored entry, not per hit."""
+        known = self._costs.get(key)
+        if known is not None and known[0] == entry.created_at:
+            return known[1]
+        assert self.prices is not None and entry.usage is not None
+        cost = float(self.prices.cost(entry.model, entry.usage))
+        if len(self._costs) >= _MAX_PRICED:
+            self._costs.clear()  # a bound, not an LRU: re-pricing is only a little work
+        self._costs[key] = (entry.created_at, cost)
+        return cost
 
     def _count(self, ctx: RequestContext, how: str) -> None:
         ctx.cache = how

@@ -78,9 +78,10 @@ class Authenticator:
                 "no API key given; send 'Authorization: Bearer YOUR_KEY' or 'x-api-key: YOUR_KEY'",
                 code="missing_api_key",
             )
-        principal = self._keys.get(digest(token))
+        key_hash = digest(token)
+        principal = self._keys.get(key_hash)
         if principal is None and self._virtual is not None:
-            principal = await self._virtual.authenticate(token)  # raises if revoked/expired
+            principal = await self._virtual.authenticate(token, key_hash)  # raises if revoked/expired
         if principal is None:
             raise AuthenticationError(
                 "the API key is not valid; check it, or ask an administrator for a new one"

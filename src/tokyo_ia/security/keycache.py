@@ -73,11 +73,15 @@ class KeyCache:
     def __len__(self) -> int:
         return len(self._positive) + len(self._negative)
 
-    async def authenticate(self, plaintext: str) -> Principal | None:
-        """Like :meth:`KeyService.authenticate` (``None`` if unknown, raises if refused), cached."""
+    async def authenticate(self, plaintext: str, key_hash: str | None = None) -> Principal | None:
+        """Like :meth:`KeyService.authenticate` (``None`` if unknown, raises if refused), cached.
+
+        ``key_hash``: ``digest(plaintext)`` when the caller has it already.
+        """
         if not looks_like_key(plaintext):
             return None
-        key_hash = digest(plaintext)
+        if key_hash is None:
+            key_hash = digest(plaintext)
         now = self._clock()
         entry = self._positive.get(key_hash)
         if entry is not None and entry.deadline > now:
