@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from tests.support import FakeClock
+from tokyo_ia.accounting.pricing import PriceTable
 from tokyo_ia.cache import (
     COMPRESS_OVER,
     Cache,
@@ -26,8 +27,10 @@ from tokyo_ia.cache import (
     encode_entry,
     strip_cache_field,
 )
+from tokyo_ia.cache.layer import ResponseCache
 from tokyo_ia.config import CacheConfig
 from tokyo_ia.errors import ConfigError, InvalidRequestError
+from tokyo_ia.pipeline import RequestContext
 from tokyo_ia.providers.base import completion_to_chunks
 
 BASE: dict[str, Any] = {
@@ -449,3 +452,32 @@ def test_assemble_inverts_completion_to_chunks() -> None:
         "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
     }
     assert assemble_stream(completion_to_chunks(response)) == response
+
+
+# --- dollars saved ---------------------------------------------------------------------------
+
+
+async def test_dollars_saved_are_priced_per_stored_entry_and_follow_a_replaced_one() -> None:
+    """Each hit adds what its entry cost when it was made; the price is worked out once per
+    stored entry, and an entry stored again under the same key (new usage) is priced anew."""
+    prices = PriceTable.load()
+    cache = ResponseCache(MemoryCache(max_bytes=1 << 20), None, ttl_s=60, prices=prices)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    first = _entry("Hello!", total=7)
+    ctx = RequestContext("r-0", None)
+    await cache.backend.set(cache.key(ctx, body), first, 60)
+
+    async def never() -> dict[str, Any]:
+        raise AssertionError("a hit must not call upstream")
+
+    for i in range(3):
+        await cache.complete(RequestContext(f"r-{i}", None), body, [], never)
+    one = float(prices.cost(first.model, first.usage))
+    assert one > 0 and cache.hits == 3
+    assert cache.usd_saved == pytest.approx(3 * one)
+
+    second = _entry("A much longer answer this time.", total=4000)
+    second.created_at = first.created_at + 1  # stored again: another answer, other usage
+    await cache.backend.set(cache.key(ctx, body), second, 60)
+    await cache.complete(RequestContext("r-3", None), body, [], never)
+    assert cache.usd_saved == pytest.approx(3 * one + float(prices.cost(second.model, second.usage)))
