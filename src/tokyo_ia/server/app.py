@@ -44,6 +44,9 @@ Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
 
+GC_YOUNG_THRESHOLD = 20_000
+
+
 class RawReply:
     """A non-JSON body (the Prometheus exposition)."""
 
@@ -396,6 +399,12 @@ class GatewayApp:
                 # before). Here, not in Gateway.start: only a server process owns its heap.
                 gc.collect()
                 gc.freeze()
+                # The youngest generation is collected every GC_YOUNG_THRESHOLD allocations
+                # (Python's default: 700). What a collection walks is the young objects still
+                # alive (requests in flight, rows queued for the writers), not the ones already
+                # freed, so rarer collections do the same walk far less often: measured on the
+                # cache-hit path, 258 ms of collections per 44k requests with 700, 72 with 20,000.
+                gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.gateway.close()
