@@ -70,6 +70,13 @@ def _total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
 
 
+def _wait_for(gw: GatewayProcess, name: str, value: float, within_s: float = 5.0) -> None:
+    deadline = time.monotonic() + within_s
+    while (samples := _scrape(gw)) and _total(samples, name) != value:
+        assert time.monotonic() < deadline, f"{name} never reached {value}: {_total(samples, name)}"
+        time.sleep(0.05)
+
+
 def _workers(multiproc: Path) -> set[str]:
     """Pids of the workers that counted something (prometheus_client's per-process files)."""
     return {p.stem.rsplit("_", 1)[1] for p in multiproc.glob("counter_*.db")}
@@ -121,11 +128,11 @@ def test_two_workers_count_what_was_sent(emu: OpenAIEmulator, tmp_path: Path) ->
         ) as stream:
             lines = stream.iter_lines()  # kept: a dropped iterator would close the stream at once
             next(lines)
-            assert _total(_scrape(gw), "tokyo_ia_in_flight_requests") == 1
-        deadline = time.monotonic() + 5
-        while (samples := _scrape(gw)) and _total(samples, "tokyo_ia_in_flight_requests") != 0:
-            assert time.monotonic() < deadline, "in-flight gauge never went back to 0"
-            time.sleep(0.05)
+            # Workers add to their files every quarter of a second (metrics.FLUSH_AFTER_S): the
+            # worker that answers may see the other's latest updates a little late.
+            _wait_for(gw, "tokyo_ia_in_flight_requests", 1)
+        _wait_for(gw, "tokyo_ia_in_flight_requests", 0)
+        _wait_for(gw, "tokyo_ia_requests_total", plain + streamed + 6)  # both workers' latest
         scrapes = [_scrape(gw) for _ in range(4)]  # whichever worker answers, the same totals
         workers = _workers(multiproc)
 

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, values
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tokyo_ia.observability.metrics import METRIC_NAMES, MULTIPROC_ENV, Metrics, setup_multiprocess_dir
+from tokyo_ia.observability.metrics import (
+    FLUSH_AFTER_S,
+    METRIC_NAMES,
+    MULTIPROC_ENV,
+    Metrics,
+    _buffered_class,
+    flush_buffered,
+    setup_multiprocess_dir,
+)
 
 CHAT = "/v1/chat/completions"
 
@@ -202,3 +214,49 @@ def test_setup_multiprocess_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
     assert setup_multiprocess_dir(4) == str(tmp_path)
     assert not stale.exists()
+
+
+# -- multiprocess values written in batches ---------------------------------------------------
+
+
+def _file_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> type[Any]:
+    """prometheus_client's memory-mapped value class, its files in ``tmp_path``."""
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    return values.MultiProcessValue(lambda: 4242)  # type: ignore[no-untyped-call]
+
+
+def _in_file(tmp_path: Path) -> float:
+    """What another worker's scrape reads: the counter's value in this process's file."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))  # type: ignore[no-untyped-call]
+    return sum(s.value for f in registry.collect() for s in f.samples if s.name == "hits_total")
+
+
+async def test_increments_reach_the_file_together_within_the_flush_delay(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    buffered = _buffered_class(_file_value(tmp_path, monkeypatch))
+    counter = buffered("counter", "hits", "hits_total", (), (), "Hits.")
+    gauge = buffered("gauge", "depth", "depth", (), (), "Depth.", multiprocess_mode="livesum")
+    for _ in range(3):
+        counter.inc(1.0)
+    gauge.inc(5.0)
+    assert (counter.get(), gauge.get()) == (3.0, 5.0)  # this process sees them at once
+    assert _in_file(tmp_path) == 0.0  # the file, not yet
+    gauge.set(2.0)  # a set writes through and replaces what was added before it
+    assert gauge.file_value.get() == 2.0 and gauge.get() == 2.0
+    await asyncio.sleep(FLUSH_AFTER_S + 0.2)
+    assert _in_file(tmp_path) == 3.0 and counter.get() == 3.0
+    counter.inc(4.0)
+    flush_buffered()  # what /metrics and a worker's exit do first
+    assert _in_file(tmp_path) == 7.0
+
+
+def test_without_an_event_loop_every_increment_is_written_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counter = _buffered_class(_file_value(tmp_path, monkeypatch))(
+        "counter", "hits", "hits_total", (), (), "H."
+    )
+    counter.inc(2.0)
+    assert _in_file(tmp_path) == 2.0

@@ -16,10 +16,16 @@ per-process files there and :meth:`Metrics.render_metrics` aggregates all worker
 any worker can answer ``GET /metrics`` for all of them. Gauges say how workers combine
 (in-flight requests add up; a circuit's state is the worst any live worker sees); gauges of
 workers that exited are dropped, counters of exited workers keep counting toward the totals.
+Each worker adds to its files in batches (:class:`_BufferedValue`): an update costs an addition
+in memory, and what was added reaches the file within :data:`FLUSH_AFTER_S`, or at once when
+this worker answers ``/metrics`` or exits; so a scrape answered by one worker sees the others'
+latest quarter of a second a little late. (Writing every update through prometheus_client's
+lock and memory map cost ~16 µs per request.)
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import glob
 import logging
@@ -28,7 +34,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
@@ -79,6 +85,78 @@ METRIC_NAMES = (
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db$")
 
 
+FLUSH_AFTER_S = 0.25
+"""Multiprocess mode: the longest an update waits in memory before it is in this worker's file."""
+
+
+class _BufferedValue:
+    """A multiprocess value (prometheus_client's memory-mapped one, ``file_value``) whose
+    increments wait in memory and go to the file together (:func:`flush_buffered`).
+
+    ``set`` (gauges set on change, not per request) writes through; ``get`` sees both.
+    """
+
+    __slots__ = ("file_value", "pending", "queued")
+    _multiprocess = True
+    file_class: Any = None  # the class it wraps (prometheus_client's MmapedValue)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.file_value = self.file_class(*args, **kwargs)
+        self.pending = 0.0
+        self.queued = False
+
+    def inc(self, amount: float) -> None:
+        self.pending += amount
+        if self.queued:
+            return
+        if not _dirty and not _flush_later():
+            self.flush()  # no event loop (a command, a test): nothing would flush later
+            return
+        self.queued = True
+        _dirty.append(self)
+
+    def set(self, value: float, timestamp: float | None = None) -> None:
+        self.pending = 0.0  # a value set replaces what was added before
+        self.file_value.set(value, timestamp)
+
+    def get(self) -> float:
+        return float(self.file_value.get()) + self.pending
+
+    def set_exemplar(self, exemplar: Any) -> None:
+        return  # prometheus_client keeps no exemplars in multiprocess mode either
+
+    def get_exemplar(self) -> None:
+        return None
+
+    def flush(self) -> None:
+        amount, self.pending, self.queued = self.pending, 0.0, False
+        if amount:
+            self.file_value.inc(amount)
+
+
+_dirty: list[_BufferedValue] = []
+
+
+def flush_buffered() -> None:
+    """Write every buffered increment of this process to its file."""
+    while _dirty:
+        _dirty.pop().flush()
+
+
+def _flush_later() -> bool:
+    """Flush in :data:`FLUSH_AFTER_S` on the running event loop; False when there is none."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    loop.call_later(FLUSH_AFTER_S, flush_buffered)
+    return True
+
+
+def _buffered_class(file_class: Any) -> type[_BufferedValue]:
+    return type("BufferedValue", (_BufferedValue,), {"__slots__": (), "file_class": file_class})
+
+
 class _Fold:
     """Keep a label value if it is known, else ``"other"`` (bounded cardinality)."""
 
@@ -109,6 +187,8 @@ class Metrics:
                 "metrics stay in memory and /metrics shows only the other workers",
                 MULTIPROC_ENV,
             )
+        elif self.multiprocess_dir and not issubclass(values.ValueClass, _BufferedValue):
+            values.ValueClass = _buffered_class(values.ValueClass)  # before any metric exists
         self._model = _Fold(models)
         self._provider = _Fold(providers)
         self._deployment = _Fold(deployments)
@@ -331,6 +411,7 @@ class Metrics:
         """The body and content type for ``GET /metrics`` (all workers in multiprocess mode)."""
         if not self.multiprocess_dir:
             return generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4
+        flush_buffered()
         reap_dead_workers(self.multiprocess_dir)
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
@@ -339,6 +420,7 @@ class Metrics:
     def close(self) -> None:
         """On worker exit: drop this process's live gauges so they stop counting."""
         if self.multiprocess_dir:
+            flush_buffered()
             mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]
 
 
