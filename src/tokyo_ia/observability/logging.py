@@ -300,6 +300,7 @@ def access_log(
     cost_usd: float = 0.0,
     cache: str | None = None,
     attempts: int = 0,
+    route: str | None = None,
     **extra: Any,
 ) -> None:
     """One line per finished request: metadata only, never the key or any text.
@@ -326,6 +327,7 @@ def access_log(
             latency_ms=round(latency_ms, 3),
             cache=cache,
             attempts=attempts,
+            **({} if route is None else {"route": route}),
             **extra,
         )
         return
@@ -347,10 +349,13 @@ def access_log(
         "latency_ms": round(latency_ms, 3),
         "cache": cache,
         "attempts": attempts,
-        **extra,
-        "level": "info",
-        "timestamp": _timestamp.now(),
     }
+    if route is not None:
+        line["route"] = _masked(route)
+    if extra:
+        line |= extra
+    line["level"] = "info"
+    line["timestamp"] = _timestamp.now()
     if _bound:
         bound = dict(structlog.contextvars.get_contextvars())
         _redact_mapping(bound)
