@@ -12,8 +12,10 @@ One run, one machine, three targets answering the same ``POST /v1/chat/completio
 
 Each repeat starts a fresh gateway and measures, in order: time to ready and RSS at start;
 latency at one connection (all targets); first SSE event of a stream (all targets);
-throughput at N connections (all targets; the upstream is moved to the server core for its
-own measurement so it is not sharing a core with the load generator); RSS after the
+throughput at N connections (the upstream first, moved to the server core so it is not
+sharing a core with the load generator; then the baseline and the gateway). The targets of
+each measurement take turns (short windows, order alternating) so that the drift of a shared
+machine reaches them alike; RSS after the
 requests so far are topped up to half of ``--rss-requests``, then to all of them; then a
 second gateway with ``cache: {backend: memory}`` is started for cache-hit throughput.
 
@@ -257,32 +259,48 @@ class Bench:
             Target("gateway", gateway.port, {"authorization": f"Bearer {self.key}"}),
         ]
 
-    def latency(self, target: Target) -> tuple[dict[str, float], int]:
-        """p50/p99 (ms) of one request at a time on one keep-alive connection."""
-        raw = target.raw(CHAT)
-        times: list[float] = []
-        with Probe("127.0.0.1", target.port) as probe:
-            for phase_s, keep in ((self.plan.warmup_s / 2, False), (self.plan.latency_s, True)):
-                deadline = time.perf_counter() + phase_s
-                while time.perf_counter() < deadline:
-                    status, seconds = probe.timed(raw)
-                    _check(target, status, probe.reader.body())
-                    if keep:
-                        times.append(seconds)
-        sent = len(times) + 1
-        return {"p50": percentile(times, 50) * 1000, "p99": percentile(times, 99) * 1000}, sent
+    def latency(self, targets: list[Target]) -> dict[str, tuple[dict[str, float], int]]:
+        """p50/p99 (ms) of one request at a time on one keep-alive connection per target.
 
-    def first_event(self, target: Target) -> tuple[float, int]:
-        """p50 (ms) from sending a streaming request to its first SSE event."""
-        raw = target.raw(STREAM)
-        times = []
-        with Probe("127.0.0.1", target.port) as probe:
-            for i in range(self.plan.streams + 5):
-                status, seconds = probe.first_event(raw)
-                _check(target, status, probe.reader.body())
-                if i >= 5:
-                    times.append(seconds)
-        return percentile(times, 50) * 1000, self.plan.streams + 5
+        The targets take turns in windows of :data:`WINDOW_S` (order alternating), so a noisy
+        spell on this shared machine lands on all of them alike rather than on whichever
+        target was being measured when it came.
+        """
+        raws = [target.raw(CHAT) for target in targets]
+        times: list[list[float]] = [[] for _ in targets]
+        sent = [0] * len(targets)
+        with contextlib.ExitStack() as stack:
+            probes = [stack.enter_context(Probe("127.0.0.1", t.port)) for t in targets]
+            for window, keep in _windows(self.plan.warmup_s / 2, self.plan.latency_s):
+                for i in _turns(len(targets), window):
+                    deadline = time.perf_counter() + window.seconds
+                    while time.perf_counter() < deadline:
+                        status, seconds = probes[i].timed(raws[i])
+                        _check(targets[i], status, probes[i].reader.body())
+                        sent[i] += 1
+                        if keep:
+                            times[i].append(seconds)
+        return {
+            t.name: ({"p50": percentile(ts, 50) * 1000, "p99": percentile(ts, 99) * 1000}, n)
+            for t, ts, n in zip(targets, times, sent, strict=True)
+        }
+
+    def first_event(self, targets: list[Target]) -> dict[str, tuple[float, int]]:
+        """p50 (ms) from sending a streaming request to its first SSE event, per target; the
+        targets take turns in blocks of :data:`STREAM_BLOCK` streams (order alternating)."""
+        raws = [target.raw(STREAM) for target in targets]
+        times: list[list[float]] = [[] for _ in targets]
+        total = self.plan.streams + 5
+        with contextlib.ExitStack() as stack:
+            probes = [stack.enter_context(Probe("127.0.0.1", t.port)) for t in targets]
+            for block, start in enumerate(range(0, total, STREAM_BLOCK)):
+                for i in _turns(len(targets), block):
+                    for n in range(start, min(total, start + STREAM_BLOCK)):
+                        status, seconds = probes[i].first_event(raws[i])
+                        _check(targets[i], status, probes[i].reader.body())
+                        if n >= 5:
+                            times[i].append(seconds)
+        return {t.name: (percentile(ts, 50) * 1000, total) for t, ts in zip(targets, times, strict=True)}
 
     def drive(
         self, target: Target, body: dict[str, Any], seconds: float, requests: int | None = None
@@ -308,12 +326,29 @@ class Bench:
         )
 
     def throughput(self, target: Target, body: dict[str, Any] = CHAT) -> tuple[LoadResult, int]:
-        warm = self.drive(target, body, self.plan.warmup_s)
-        result = self.drive(target, body, self.plan.throughput_s)
-        bad = result.errors + warm.errors
-        if bad > 0.01 * (result.requests + warm.requests):
-            raise RuntimeError(f"{target.name}: {bad} of {result.requests} requests failed under load")
-        return result, warm.requests + result.requests
+        return self.throughputs([target], body)[target.name]
+
+    def throughputs(
+        self, targets: list[Target], body: dict[str, Any] = CHAT
+    ) -> dict[str, tuple[LoadResult, int]]:
+        """Requests per second at N connections, per target: each warmed up, then the targets
+        take turns in slices of about :data:`SLICE_S` (order alternating) until each had
+        ``throughput_s``, so drift on this shared machine reaches every target alike."""
+        warm = {t.name: self.drive(t, body, self.plan.warmup_s) for t in targets}
+        slices = max(1, round(self.plan.throughput_s / SLICE_S))
+        parts: dict[str, list[LoadResult]] = {t.name: [] for t in targets}
+        for turn in range(slices):
+            for i in _turns(len(targets), turn):
+                parts[targets[i].name].append(self.drive(targets[i], body, self.plan.throughput_s / slices))
+        out: dict[str, tuple[LoadResult, int]] = {}
+        for target in targets:
+            result = _combined(parts[target.name])
+            first = warm[target.name]
+            bad = result.errors + first.errors
+            if bad > 0.01 * (result.requests + first.requests):
+                raise RuntimeError(f"{target.name}: {bad} of {result.requests} requests failed under load")
+            out[target.name] = (result, first.requests + result.requests)
+        return out
 
     def top_up(self, target: Target, sent: int, until: int, rate: float) -> int:
         """Send requests at N connections until ``until`` were sent in total; the new total."""
@@ -337,20 +372,19 @@ class Bench:
         run["latency_ms"] = {}
         run["stream_ttfb_ms"] = {}
         with self._unpinned(gateway):
-            for target in targets:
-                run["latency_ms"][target.name], n = self.latency(target)
-                sent += n if target.name == "gateway" else 0
-            for target in targets:
-                run["stream_ttfb_ms"][target.name], n = self.first_event(target)
-                sent += n if target.name == "gateway" else 0
-        run["throughput_rps"] = {}
-        run["errors"] = {}
-        for target in targets:
-            with self._upstream_on_server_core(target.name == "upstream"):
-                result, n = self.throughput(target)
-            run["throughput_rps"][target.name] = result.rps
-            run["errors"][target.name] = result.errors
-            sent += n if target.name == "gateway" else 0
+            for name, (latency, n) in self.latency(targets).items():
+                run["latency_ms"][name] = latency
+                sent += n if name == "gateway" else 0
+            for name, (ttfb, n) in self.first_event(targets).items():
+                run["stream_ttfb_ms"][name] = ttfb
+                sent += n if name == "gateway" else 0
+        # The upstream alone on the server core; then the baseline and the gateway, taking turns.
+        with self._upstream_on_server_core(True):
+            results = self.throughputs(targets[:1])
+        results.update(self.throughputs(targets[1:]))
+        run["throughput_rps"] = {name: result.rps for name, (result, _) in results.items()}
+        run["errors"] = {name: result.errors for name, (result, _) in results.items()}
+        sent += results["gateway"][1]
         say(f"run {index}: {_brief(run)}")
         rate = run["throughput_rps"]["gateway"]
         sent = self.top_up(targets[2], sent, plan.rss_requests // 2, rate)
@@ -460,6 +494,48 @@ class Bench:
             "cpu_us_per_request": cpu_us,
             "gateway_cores": cores,
         }
+
+
+SLICE_S = 2.0
+"""Throughput: each target's turn lasts about this long (wrk measures whole seconds)."""
+WINDOW_S = 0.5
+"""Latency: each target's turn at one connection lasts this long."""
+STREAM_BLOCK = 25
+"""Time to first event: each target's turn is this many streams."""
+
+
+@dataclass(frozen=True)
+class _Window:
+    index: int
+    seconds: float
+
+
+def _windows(warmup_s: float, measure_s: float) -> Iterator[tuple[_Window, bool]]:
+    """Turns of at most WINDOW_S: the warm-up ones (not kept), then the measured ones."""
+    index = 0
+    for total, keep in ((warmup_s, False), (measure_s, True)):
+        count = max(1, round(total / WINDOW_S))
+        for _ in range(count):
+            yield _Window(index, total / count), keep
+            index += 1
+
+
+def _turns(count: int, turn: int | _Window) -> list[int]:
+    """The order the targets go in on this turn: forwards, then backwards, and so on."""
+    index = turn.index if isinstance(turn, _Window) else turn
+    order = list(range(count))
+    return order if index % 2 == 0 else order[::-1]
+
+
+def _combined(parts: list[LoadResult]) -> LoadResult:
+    """Slices of one target's load as one result (latency percentiles: the slices' medians)."""
+    return LoadResult(
+        requests=sum(p.requests for p in parts),
+        errors=sum(p.errors for p in parts),
+        seconds=sum(p.seconds for p in parts),
+        p50_s=statistics.median(p.p50_s for p in parts),
+        p99_s=statistics.median(p.p99_s for p in parts),
+    )
 
 
 def _check(target: Target, status: int, body: bytes) -> None:
