@@ -130,12 +130,14 @@ def _clamp(value: int | None) -> int | None:
     return None if value is None else max(_INT32[0], min(_INT32[1], int(value)))
 
 
-def _json_detail(detail: dict[str, Any] | None) -> Any:
-    """``detail`` as it will be read back; never raises, so one odd value cannot block a batch."""
+def _json_detail(detail: dict[str, Any] | None) -> tuple[Any, bytes]:
+    """``detail`` as it will be read back, and its JSON (what orjson writes for that value
+    again); never raises, so one odd value cannot block a batch."""
     try:
-        return orjson.loads(orjson.dumps(detail or {}, default=str, option=orjson.OPT_NON_STR_KEYS))
+        raw = orjson.dumps(detail or {}, default=str, option=orjson.OPT_NON_STR_KEYS)
     except orjson.JSONEncodeError as exc:
-        return {"unserialisable_detail": str(exc)[:200]}
+        raw = orjson.dumps({"unserialisable_detail": str(exc)[:200]})
+    return orjson.loads(raw), raw
 
 
 def _prepare(event: AuditEvent, sqlite: bool) -> tuple[tuple[Any, ...], bytes]:
@@ -160,7 +162,7 @@ def _prepare(event: AuditEvent, sqlite: bool) -> tuple[tuple[Any, ...], bytes]:
     tokens_in = _clamp(event.tokens_in)
     tokens_out = _clamp(event.tokens_out)
     client_ip = cut_text(event.client_ip, 64)
-    detail = _json_detail(event.detail)
+    detail, detail_json = _json_detail(event.detail)
     canonical = _canonical(
         {
             "ts": ts,
@@ -187,7 +189,7 @@ def _prepare(event: AuditEvent, sqlite: bool) -> tuple[tuple[Any, ...], bytes]:
             tokens_in,
             tokens_out,
             client_ip,
-            orjson.dumps(detail).decode(),
+            detail_json.decode(),
         )
     else:
         values = (ts, actor_key_id, action, route, model, status, tokens_in, tokens_out, client_ip, detail)
