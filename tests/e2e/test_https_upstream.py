@@ -36,6 +36,9 @@ def _config(emu: OpenAIEmulator) -> dict[str, object]:
     return {
         "providers": {"tls": openai_provider(emu.url)},
         "models": {"m": [{"provider": "tls", "model": "gpt-4o-mini"}]},
+        # No start-up probe: against the untrusted certificate it could open the circuit before
+        # the test's request, which would then be refused (503) without reaching the upstream.
+        "resilience": {"health": {"active": False}},
     }
 
 
