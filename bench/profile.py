@@ -21,7 +21,8 @@ from pathlib import Path
 import orjson
 
 from . import wrk
-from .runner import CHAT, STREAM, Bench, Plan
+from .measure import CHAT, STREAM, Plan
+from .runner import Bench
 
 # First match wins, in this order: a sample inside the upstream client under the pipeline is
 # "upstream call", not "pipeline".
