@@ -116,9 +116,9 @@ class Measure:
         sent = [0] * len(targets)
         with contextlib.ExitStack() as stack:
             probes = [stack.enter_context(Probe("127.0.0.1", t.port)) for t in targets]
-            for window, keep in _windows(self.plan.warmup_s / 2, self.plan.latency_s):
-                for i in _turns(len(targets), window):
-                    deadline = time.perf_counter() + window.seconds
+            for turn, seconds, keep in _windows(self.plan.warmup_s / 2, self.plan.latency_s):
+                for i in _turns(len(targets), turn):
+                    deadline = time.perf_counter() + seconds
                     while time.perf_counter() < deadline:
                         status, seconds = probes[i].timed(raws[i])
                         check(targets[i], status, probes[i].reader.body())
@@ -216,27 +216,20 @@ STREAM_BLOCK = 25
 """Time to first event: each target's turn is this many streams."""
 
 
-@dataclass(frozen=True)
-class _Window:
-    index: int
-    seconds: float
-
-
-def _windows(warmup_s: float, measure_s: float) -> Iterator[tuple[_Window, bool]]:
-    """Turns of at most WINDOW_S: the warm-up ones (not kept), then the measured ones."""
-    index = 0
+def _windows(warmup_s: float, measure_s: float) -> Iterator[tuple[int, float, bool]]:
+    """Turns of at most WINDOW_S: (turn, seconds, kept), the warm-up ones first (not kept)."""
+    turn = 0
     for total, keep in ((warmup_s, False), (measure_s, True)):
         count = max(1, round(total / WINDOW_S))
         for _ in range(count):
-            yield _Window(index, total / count), keep
-            index += 1
+            yield turn, total / count, keep
+            turn += 1
 
 
-def _turns(count: int, turn: int | _Window) -> list[int]:
+def _turns(count: int, turn: int) -> list[int]:
     """The order the targets go in on this turn: forwards, then backwards, and so on."""
-    index = turn.index if isinstance(turn, _Window) else turn
     order = list(range(count))
-    return order if index % 2 == 0 else order[::-1]
+    return order if turn % 2 == 0 else order[::-1]
 
 
 def _combined(parts: list[LoadResult]) -> LoadResult:
