@@ -231,6 +231,7 @@ class Pipeline:
         principal = ctx.principal
         provider = ctx.deployment.provider.name if ctx.deployment is not None else ""
         elapsed = time.monotonic() - ctx.started
+        latency_ms = round(elapsed * 1000, 3)
         tokens_in = int(usage.get("prompt_tokens") or 0)
         tokens_out = int(usage.get("completion_tokens") or 0)
         if self.metrics is not None:
@@ -248,7 +249,7 @@ class Pipeline:
         access_log(
             request_id=ctx.request_id,
             status=status,
-            latency_ms=round(elapsed * 1000, 3),
+            latency_ms=latency_ms,
             key_id=principal.key_id if principal is not None else None,
             model=ctx.model,
             provider=provider or None,
@@ -266,7 +267,7 @@ class Pipeline:
         detail: JSON = {
             "request_id": ctx.request_id,
             "attempts": ctx.attempts,
-            "latency_ms": round(elapsed * 1000, 3),
+            "latency_ms": latency_ms,
         }
         if ctx.deployment is not None:
             detail["provider"] = ctx.deployment.provider.name
