@@ -81,7 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(_banner(config, host, port, workers, source, tls=tls_cert is not None), flush=True)
     from .observability.logging import configure_logging
     from .observability.metrics import setup_multiprocess_dir
-    from .server.protocol import LIMIT_ENV, BoundedHttpToolsProtocol
+    from .server.protocol import LIMIT_ENV, HttpProtocol
 
     os.environ[LIMIT_ENV] = str(config.server.max_header_bytes)
     os.environ["TOKYO_IA_LOG_LEVEL"] = args.log_level
@@ -92,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": host,
         "port": port,
         "loop": "uvloop",
-        "http": BoundedHttpToolsProtocol,
+        "http": HttpProtocol,
         "lifespan": "on",
         "access_log": False,
         "server_header": False,

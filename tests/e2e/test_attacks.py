@@ -22,7 +22,7 @@ SQL-injection-shaped names, keys and ids   stored verbatim / 401 / 404; table in
 oversized body                             413 ``request_too_large`` (declared or chunked)
 oversized headers                          431 ``headers_too_large``; a flood is cut off early
 malformed UTF-8 / lone surrogate in body   400 ``invalid_json``
-header injection (CR, LF, NUL, TAB)        400 from the HTTP parser, or 400 ``invalid_header``
+header injection (CR, LF, NUL, TAB)        400 ``invalid_http`` from the HTTP parser, or 400 ``invalid_header``
 timing of key comparison                   SHA-256 digest lookup; metrics token by
                                            ``hmac.compare_digest`` (structural check)
 secrets in logs, errors, /admin, /metrics  the provider keys appear nowhere
@@ -287,6 +287,7 @@ def test_header_injection(gw: Gateway) -> None:
     for value in (b"abc\rdef", b"abc\ndef", b"abc\x00def", b"abc\x1bdef", b"abc\r\n def"):
         reply = _raw(gw.process.port, request % value)
         assert reply.startswith(b"HTTP/1.1 400 "), value  # refused by the HTTP parser itself
+        assert b'"code":"invalid_http"' in reply and b"connection: close" in reply
         assert b"def" not in reply
     reply = _raw(gw.process.port, request % b"abc\r\nx-evil: 1")  # CRLF just starts a new header
     assert reply.startswith(b"HTTP/1.1 401 ")

@@ -1,7 +1,7 @@
 """The HTTP server as clients meet it (``tokyo-ia serve``): keep-alive, pipelining, framing.
 
-Raw sockets, so the bytes on the wire are what is checked: sized JSON answers go out as one
-write (server/protocol.py), streams and HEAD through uvicorn's own code.
+Raw sockets, so the bytes on the wire are what is checked, as the gateway's own HTTP/1.1
+protocol (server/protocol.py) sends them under uvicorn's server.
 """
 
 from __future__ import annotations

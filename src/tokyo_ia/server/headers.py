@@ -6,7 +6,7 @@ obsolete line folding are refused by the HTTP parser itself (a plain-text 400 th
 reaches the app); TAB and bytes ≥ 0x80 do reach it. The parser sets **no limit** on header
 size (hundreds of megabytes were accepted), so two layers bound it:
 
-- :class:`~tokyo_ia.server.protocol.BoundedHttpToolsProtocol` answers 431 and closes the
+- :class:`~tokyo_ia.server.protocol.HttpProtocol` answers 431 and closes the
   connection as soon as more than ``server.max_header_bytes`` arrived without the headers
   ending, so memory stays bounded whatever a client sends;
 - :func:`check_headers` enforces the exact limit on what the app received (and covers any other

@@ -1,157 +1,509 @@
-"""uvicorn's httptools protocol, with a bound on the size of request headers and one write per
-response head and first body part.
+"""HTTP/1.1 for the gateway's ASGI app: a lean protocol that uvicorn's server runs.
 
-httptools buffers a request's headers without any limit (measured: 200 MB of headers were
-accepted, and held in memory, before the app saw the request). This subclass counts the bytes
-that arrive while a request's headers are incomplete and, past ``server.max_header_bytes``,
-answers 431 with the gateway's JSON error body and closes the connection, so a client can make
-a worker hold at most the limit plus one socket read. The exact limit on complete headers is
-checked again in the app (``headers.py``).
+uvicorn keeps what a server process does (sockets, TLS, workers, lifespan, signals, graceful
+shutdown, the ``date`` header refreshed each second); this module is the per-connection part,
+written for the gateway's traffic: JSON requests that arrive whole in one read, answered with
+one ``transport.write`` (head and body together; a stream's head with its first chunk).
+Measured against uvicorn's own httptools protocol serving the same app, it does per request
+only what a request needs: no event object and no timer per request (the keep-alive timeout
+is one timer per connection that re-arms itself), a request body handed over without waiting
+when it is already here, response headers checked with one pattern search for all names and
+one for all values.
 
-uvicorn writes a response's head and its body with two ``transport.write`` calls, so every JSON
-answer costs two ``send`` system calls (each one, on loopback, also delivers the segment to the
-reader) and checks each header against two regular expressions. :class:`OneWriteCycle` holds
-a response's head until its first body message and writes both at once: a sized answer whole,
-a stream's head with its first chunk (chunk-encoded as uvicorn does; the rest of the stream goes
-through uvicorn), checking the header names and values in one pass each. Anything else (HEAD,
-1xx/204/304, a ``connection`` or ``transfer-encoding`` header, uvicorn's access log) goes
-through uvicorn's own code unchanged. Measured on the gateway's cache-hit path: ~1 in 8 of the
-CPU per request was ``send``.
+What it guarantees, as uvicorn does: keep-alive and pipelined requests answered in order
+(reading pauses while one waits), HTTP/1.0 and ``connection: close`` close after the answer,
+``Expect: 100-continue`` answered when the app first reads the body, HEAD answered without a
+body, 204/304 without framing, a body held to the ``content-length`` the app declared (a
+mismatch closes the connection rather than send a frame that contradicts its header), an app
+that fails before its answer gets a 500 and after it a closed connection, reading paused
+while 64 KiB of unread body is waiting and writing waits while the socket's buffer is full,
+an app waiting on ``receive()`` after the body is told ``http.disconnect`` when the client
+goes away (how a stream learns to stop).
 
-The limit travels in ``$TOKYO_IA_MAX_HEADER_BYTES`` (set by ``tokyo-ia serve``), because uvicorn
-creates this class in each worker process from its import path.
+And one thing uvicorn does not: a bound on the size of request headers. httptools buffers
+headers without limit (measured: 200 MB accepted and held before the app saw the request).
+The bytes that arrive while a request's headers are incomplete are counted; past
+``server.max_header_bytes`` the answer is 431 with the gateway's JSON error and the
+connection closes, so a client can make a worker hold at most the limit plus one socket read.
+The exact limit on complete headers is checked again in the app (``headers.py``). The limit
+travels in ``$TOKYO_IA_MAX_HEADER_BYTES`` (set by ``tokyo-ia serve``), because uvicorn creates
+this class in each worker process from its configuration.
+
+Not supported (the gateway has no use for them): WebSocket upgrades (an upgrade request is
+answered as plain HTTP, then the connection closes), uvicorn's access log (the gateway writes
+its own), ``--limit-concurrency``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import http
+import logging
 import os
+import re
+import urllib.parse
+from collections import deque
 from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import (
-    HEADER_RE,
-    HEADER_VALUE_RE,
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+import httptools
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 
 from ..config import DEFAULT_MAX_HEADER_BYTES
+from ..errors import InvalidRequestError
 from .errors import render_error
 from .headers import too_large
 
 LIMIT_ENV = "TOKYO_IA_MAX_HEADER_BYTES"
+HIGH_WATER = 65_536
+"""Unread request body, in bytes, above which reading from the client pauses."""
+
+log = logging.getLogger("tokyo_ia.server")
+
+_NAME_BAD = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"/?]')  # not an RFC 9110 token character
+_VALUE_BAD = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+_STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
+_DISCONNECT = {"type": "http.disconnect"}
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
 
 
-class BoundedHttpToolsProtocol(HttpToolsProtocol):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+def status_line(status: int) -> bytes:
+    line = _STATUS.get(status)
+    return line if line is not None else b"HTTP/1.1 %d \r\n" % status
+
+
+def _error_response(status_text: bytes, exc: Exception) -> bytes:
+    """A gateway JSON error, whole, closing the connection (no request id: there is no request)."""
+    status, _, body = render_error(exc, "-")
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (status, status_text, len(body), body)
+    )
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection. Created by uvicorn's server with its config and shared state."""
+
+    def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], _loop: Any = None) -> None:
+        if not config.loaded:
+            config.load()
+        self.app = config.loaded_app
+        self.loop: asyncio.AbstractEventLoop = _loop or asyncio.get_event_loop()
+        self.server_state = server_state
+        self.root_path: str = config.root_path
+        self.app_state = app_state
+        self.keep_alive_s: float = config.timeout_keep_alive
         self.max_header_bytes = int(os.environ.get(LIMIT_ENV) or DEFAULT_MAX_HEADER_BYTES)
-        self._header_bytes: int | None = None  # counting while a request's headers are incomplete
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme = "http"
+        self.active: Exchange | None = None  # the exchange the app is serving
+        self.waiting: deque[Exchange] = deque()  # pipelined requests, parsed, not started
+        self.reading = True
+        self.write_paused = False
+        self.drains: list[asyncio.Future[None]] = []
+        self.idle_since: float | None = None  # keep-alive: when the last answer ended, if no data since
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.defaults: tuple[object, bytes] = (None, b"")  # server_state.default_headers, rendered
+        # Per request, while it is parsed:
+        self.parsing: Exchange | None = None
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.header_bytes: int | None = None  # counted while a request's headers are incomplete
+        self.expect_continue = False
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self._header_bytes = 0
+    # -- asyncio.Protocol -------------------------------------------------------------------
 
-    def on_headers_complete(self) -> None:
-        self._header_bytes = None
-        super().on_headers_complete()
-        cycle = self.cycle
-        # The cycle's task has been created but has not run yet: it will call our send.
-        if type(cycle) is RequestResponseCycle:
-            cycle.__class__ = OneWriteCycle
-            cast(OneWriteCycle, cycle).held = None
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.server_state.connections.add(self)
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass, same API
+        self.server = get_local_addr(self.transport)  # type: ignore[assignment]
+        self.client = get_remote_addr(self.transport)
+        self.scheme = "https" if is_ssl(self.transport) else "http"
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server_state.connections.discard(self)
+        self.waiting.clear()
+        for exchange in (self.active, self.parsing):
+            if exchange is not None and not exchange.complete:
+                exchange.disconnected = True
+                exchange.wake()
+        self.resume_writing()
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    def eof_received(self) -> None:
+        pass
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._header_bytes is None or self.transport.is_closing():
+        self.idle_since = None
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._upgrade_refused()
             return
-        self._header_bytes += len(data)
-        if self._header_bytes > self.max_header_bytes:
-            self._header_bytes = None
-            status, _, body = render_error(too_large(self.max_header_bytes), "-")
-            self.transport.write(
-                b"HTTP/1.1 %d Request Header Fields Too Large\r\n"
-                b"content-type: application/json\r\n"
-                b"content-length: %d\r\n"
-                b"connection: close\r\n\r\n%s" % (status, len(body), body)
-            )
+        except httptools.HttpParserError as exc:
+            self._bad_request(exc)
+            return
+        if self.header_bytes is not None and not self.transport.is_closing():
+            self.header_bytes += len(data)
+            if self.header_bytes > self.max_header_bytes:
+                self.header_bytes = None
+                self._refuse(b"Request Header Fields Too Large", too_large(self.max_header_bytes))
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        drains, self.drains = self.drains, []
+        for waiter in drains:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = []
+        self.header_bytes = 0
+        self.expect_continue = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.header_bytes = None
+        parser = self.parser
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        version = parser.get_http_version()
+        scope = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "method": parser.get_method().decode("ascii"),
+            "root_path": self.root_path,
+            "path": self.root_path + path,
+            "raw_path": self.root_path.encode("ascii") + raw_path,
+            "query_string": url.query or b"",
+            "headers": self.headers,
+        }
+        if self.app_state:
+            scope["state"] = self.app_state.copy()
+        exchange = Exchange(self, scope, version != "1.0" and parser.should_keep_alive())
+        exchange.expect_continue = self.expect_continue
+        self.parsing = exchange
+        if self.active is None:
+            self._start(exchange)
+        else:  # pipelined: answered after the one in progress
+            self.waiting.append(exchange)
+            self.pause_reading()
+
+    def on_body(self, body: bytes) -> None:
+        exchange = self.parsing
+        if exchange is None or exchange.complete:
+            return  # answered already, without reading this
+        exchange.parts.append(body)
+        exchange.buffered += len(body)
+        exchange.news = True
+        if exchange.buffered > HIGH_WATER:
+            self.pause_reading()
+        exchange.wake()
+
+    def on_message_complete(self) -> None:
+        exchange = self.parsing
+        if exchange is None or exchange.complete:
+            return
+        exchange.more_body = False
+        exchange.news = True
+        exchange.wake()
+
+    # -- flow -------------------------------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.reading and not self.waiting:
+            self.reading = True
+            self.transport.resume_reading()
+
+    async def drain(self) -> None:
+        waiter = self.loop.create_future()
+        self.drains.append(waiter)
+        await waiter
+
+    def default_headers(self) -> bytes:
+        """uvicorn's default headers (``date``, refreshed each second), rendered once per list."""
+        current = self.server_state.default_headers
+        if self.defaults[0] is not current:
+            self.defaults = (current, b"".join(b"%s: %s\r\n" % pair for pair in current))
+        return self.defaults[1]
+
+    def _start(self, exchange: Exchange) -> None:
+        self.active = exchange
+        task = self.loop.create_task(exchange.run())
+        tasks = self.server_state.tasks
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    def answered(self, exchange: Exchange) -> None:
+        """An exchange's last byte is written: start the next pipelined one, or wait idle."""
+        self.server_state.total_requests += 1
+        if self.active is exchange:
+            self.active = None
+        if self.transport.is_closing():
+            return
+        if not exchange.keep_alive or exchange.more_body:  # more_body: answered before it was read
             self.transport.close()
-
-
-class OneWriteCycle(RequestResponseCycle):
-    """uvicorn's request/response cycle, writing a sized response's head and body together."""
-
-    held: tuple[Any, bytes, int | None] | None
-    """The start message, its head (without the final CRLF) and its content-length (None:
-    chunked)."""
-
-    async def send(self, message: Any) -> None:
-        if message["type"] == "http.response.start" and not self.response_started:
-            self.held = None  # a second start (uvicorn's 500 after a failure) replaces the first
-            simple = self._head(message)
-            if simple is None:
-                await super().send(message)
-            else:
-                self.held = (message, *simple)
             return
-        held = self.held
-        if held is None:
-            await super().send(message)
+        if self.waiting:
+            self._start(self.waiting.popleft())
+            self.resume_reading()
             return
-        self.held = None
-        start, head, length = held
+        self.resume_reading()
+        self.idle_since = self.loop.time()
+        if self.idle_timer is None:
+            self.idle_timer = self.loop.call_later(self.keep_alive_s, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """One timer per connection: close it after ``timeout_keep_alive`` idle seconds, else
+        re-arm for the rest of that time (or, while a request is in flight, until it ends)."""
+        self.idle_timer = None
+        if self.idle_since is None or self.transport.is_closing():
+            return
+        left = self.idle_since + self.keep_alive_s - self.loop.time()
+        if left <= 0:
+            self.transport.close()
+        else:
+            self.idle_timer = self.loop.call_later(left, self._idle_check)
+
+    def shutdown(self) -> None:
+        """uvicorn's graceful shutdown: close an idle connection, end a busy one after its answer."""
+        if self.active is None:
+            self.transport.close()
+        else:
+            self.active.keep_alive = False
+            for exchange in self.waiting:
+                exchange.keep_alive = False
+
+    # -- refusals ---------------------------------------------------------------------------
+
+    def _refuse(self, status_text: bytes, exc: Exception) -> None:
+        """Answer a request that never reaches the app, and close. While the app is answering
+        another request on this connection, a second answer cannot be sent: just close."""
+        if self.active is None:
+            self.transport.write(_error_response(status_text, exc))
+        self.transport.close()
+
+    def _bad_request(self, exc: Exception) -> None:
+        log.warning("invalid HTTP request from %s: %s", self.client, exc)
+        self._refuse(
+            b"Bad Request",
+            InvalidRequestError(
+                f"the request is not valid HTTP/1.1 ({exc}); check what your client sends",
+                code="invalid_http",
+            ),
+        )
+
+    def _upgrade_refused(self) -> None:
+        """An ``Upgrade`` request (WebSocket): answered as plain HTTP, then the connection closes
+        (what follows the headers belongs to the other protocol and is not parsed)."""
+        for exchange in (self.parsing, *self.waiting):
+            if exchange is not None:
+                exchange.keep_alive = False
+        exchange = self.parsing
+        if exchange is not None and exchange.more_body:
+            exchange.more_body = False
+            exchange.news = True
+            exchange.wake()
+
+
+class Exchange:
+    """One request and its answer: the ASGI ``receive`` and ``send`` of the app's call."""
+
+    __slots__ = (
+        "bodiless",
+        "buffered",
+        "chunked",
+        "complete",
+        "disconnected",
+        "expect_continue",
+        "head",
+        "keep_alive",
+        "left",
+        "more_body",
+        "news",
+        "parts",
+        "protocol",
+        "scope",
+        "started",
+        "waiter",
+    )
+
+    def __init__(self, protocol: HttpProtocol, scope: dict[str, Any], keep_alive: bool) -> None:
+        self.protocol = protocol
+        self.scope = scope
+        self.keep_alive = keep_alive
+        self.expect_continue = False
+        self.parts: list[bytes] = []  # body received, not yet handed to the app
+        self.buffered = 0
+        self.more_body = True
+        self.news = False  # body or its end arrived since the app last read
+        self.waiter: asyncio.Future[None] | None = None
+        self.disconnected = False
+        self.started = False  # the app sent its start message
+        self.head: bytes | None = None  # status line and headers, until written with the first body
+        self.chunked = False
+        self.bodiless = False  # HEAD, 1xx, 204, 304: whatever body the app sends stays here
+        self.left = 0  # content-length bytes still to send (sized answers)
+        self.complete = False  # the last byte is written
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def run(self) -> None:
+        protocol = self.protocol
+        try:
+            await protocol.app(self.scope, self.receive, self.send)
+        except asyncio.CancelledError:
+            if not self.complete:
+                self._fail(None)
+            raise
+        except Exception as exc:  # noqa: BLE001 - the app's own errors are answered by the app
+            if not self.complete:
+                self._fail(exc)
+        else:
+            if not self.complete and not self.disconnected:
+                self._fail(RuntimeError("the ASGI application returned without completing its response"))
+
+    def _fail(self, exc: Exception | None) -> None:
+        """A 500 if nothing of the answer is on the wire yet (logged); otherwise cut the connection."""
+        transport = self.protocol.transport
+        if exc is not None and not transport.is_closing() and (self.head is not None or not self.started):
+            transport.write(_error_response(b"Internal Server Error", exc))
+        elif exc is not None:
+            log.error("the response failed after its first byte: %s", exc, exc_info=exc)
+        self.complete = True
+        self.keep_alive = False
+        transport.close()
+        self.protocol.answered(self)
+
+    # -- ASGI -------------------------------------------------------------------------------
+
+    async def receive(self) -> dict[str, Any]:
+        protocol = self.protocol
+        if self.expect_continue:
+            self.expect_continue = False
+            if not protocol.transport.is_closing():
+                protocol.transport.write(_CONTINUE)
+        while not (self.news or self.disconnected or self.complete):
+            protocol.resume_reading()
+            self.waiter = protocol.loop.create_future()
+            await self.waiter
+        if self.disconnected or self.complete:
+            return _DISCONNECT
+        parts = self.parts
+        body = parts[0] if len(parts) == 1 else b"".join(parts)
+        self.parts = []
+        self.buffered = 0
+        self.news = False
+        if not protocol.reading and protocol.active is self:
+            protocol.resume_reading()
+        return {"type": "http.request", "body": body, "more_body": self.more_body}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        protocol = self.protocol
+        if protocol.write_paused and not self.disconnected:
+            await protocol.drain()
+        if self.disconnected:
+            return
+        kind = message["type"]
+        if not self.started:
+            if kind != "http.response.start":
+                raise RuntimeError(f"expected ASGI message 'http.response.start', got {kind!r}")
+            self.head = self._head(message["status"], message.get("headers", ()))
+            self.started = True
+            return
+        if self.complete:
+            raise RuntimeError(f"unexpected ASGI message {kind!r} after the response was complete")
+        if kind != "http.response.body":
+            raise RuntimeError(f"expected ASGI message 'http.response.body', got {kind!r}")
         body = message.get("body", b"")
         more = message.get("more_body", False)
-        if (
-            message["type"] != "http.response.body"
-            or (length is not None and (more or len(body) != length))
-            or self.disconnected
-            or self.flow.write_paused
-        ):
-            await super().send(start)  # uvicorn's own path, with its checks and errors
-            await super().send(message)
-            return
-        # What uvicorn's send does for the start and this first body message, in one write.
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        self.expected_content_length = 0
-        close = b"" if self.keep_alive else b"connection: close\r\n"
-        if length is not None:
-            self.chunked_encoding = False
-            self.transport.write(head + close + b"\r\n" + body)
-        else:  # a stream: its head and first chunk together, the rest through uvicorn
-            self.chunked_encoding = True
-            chunk = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
-            tail = b"" if more else b"0\r\n\r\n"
-            self.transport.write(head + close + b"transfer-encoding: chunked\r\n\r\n" + chunk + tail)
-            if more:
-                return
-        self.response_complete = True
-        self.message_event.set()
-        if not self.keep_alive:
-            self.transport.close()
-        self.on_response()
+        if self.bodiless:
+            out = b""
+        elif self.chunked:
+            out = b"%x\r\n%s\r\n" % (len(body), body) if body else b""
+            if not more:
+                out += _LAST_CHUNK
+        else:
+            self.left -= len(body)
+            if self.left < 0 or (not more and self.left):
+                raise RuntimeError("the response body does not match its content-length")
+            out = body
+        head = self.head
+        if head is not None:
+            self.head = None
+            out = head + out
+        if out:
+            protocol.transport.write(out)
+        if not more:
+            self.complete = True
+            self.wake()
+            protocol.answered(self)
 
-    def _head(self, message: Any) -> tuple[bytes, int | None] | None:
-        """Status line and headers, and the ``content-length`` (None: the body will be chunked),
-        of a response with nothing that changes how uvicorn frames it; None sends it through
-        uvicorn's code instead."""
-        status = message["status"]
-        if self.access_log or self.scope["method"] == "HEAD" or status < 200 or status in (204, 304):
-            return None
-        headers = [*self.default_headers, *message.get("headers", ())]
+    def _head(self, status: int, headers: Any) -> bytes:
+        """The status line and headers; sets how the body is framed."""
         names = [name.lower() for name, _ in headers]
-        if b"connection" in names or b"transfer-encoding" in names:
-            return None
-        if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join(v for _, v in headers)):
-            return None  # uvicorn raises the error
-        length: int | None = None
-        if b"content-length" in names:
-            declared = headers[names.index(b"content-length")][1]
-            if not declared.isdigit():
-                return None
-            length = int(declared)
-        lines = [STATUS_LINE[status]]
-        for name, (_, value) in zip(names, headers, strict=True):
+        values = [value for _, value in headers]
+        if _NAME_BAD.search(b"".join(names)) or _VALUE_BAD.search(b"".join(values)):
+            raise RuntimeError("invalid HTTP header name or value in the response")
+        lines = [status_line(status), self.protocol.default_headers()]
+        framed = False
+        for name, value in zip(names, values, strict=True):
+            if name == b"content-length":
+                if not value.isdigit():
+                    raise RuntimeError(f"invalid content-length {value!r} in the response")
+                self.left = int(value)
+                framed = True
+            elif name == b"transfer-encoding":
+                self.chunked = framed = value.lower() == b"chunked"
+            elif name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
+                self.keep_alive = False
+                lines.append(b"connection: close\r\n")
+                continue
             lines += (name, b": ", value, b"\r\n")
-        return b"".join(lines), length
+        if not self.keep_alive and b"connection" not in names:
+            lines.append(b"connection: close\r\n")
+        if status < 200 or status in (204, 304) or self.scope["method"] == "HEAD":
+            self.bodiless = True
+        elif not framed:
+            self.chunked = True
+            lines.append(b"transfer-encoding: chunked\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
