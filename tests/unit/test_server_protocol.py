@@ -229,8 +229,17 @@ async def test_an_app_that_returns_without_answering_gets_a_500() -> None:
 
 @pytest.mark.parametrize(
     "header",
-    [(b"x-bad", b"a\r\nb"), (b"bad name", b"v"), (b"x\rinjected", b"v")],
-    ids=["value", "space", "cr"],
+    [
+        (b"x-bad", b"a\r\nb"),
+        (b"x-bad", b"a\nb"),
+        (b"x-bad", b"a\x00b"),
+        (b"x-bad", b"a\x7fb"),
+        (b"bad name", b"v"),
+        (b"x\rinjected", b"v"),
+        (b"x-a: 1\r\nx-injected", b"v"),
+        (b"", b"v"),
+    ],
+    ids=["crlf", "lf", "nul", "del", "space", "cr", "name-crlf", "empty-name"],
 )
 async def test_bad_response_headers_are_refused(header: tuple[bytes, bytes]) -> None:
     app = reply_with(start(200, (b"content-length", b"2"), header), body(b"ok"))
@@ -238,6 +247,13 @@ async def test_bad_response_headers_are_refused(header: tuple[bytes, bytes]) -> 
     assert b"injected" not in transport.sent and b"a\r\nb" not in transport.sent
     assert error_of(transport)[0] == b"HTTP/1.1 500 Internal Server Error"
     assert transport.closed
+
+
+async def test_tab_and_8_bit_values_and_any_case_names_are_sent() -> None:
+    app = reply_with(start(200, (b"Content-Length", b"2"), (b"X-Mixed-Case", b"a\tb\xe9")), body(b"ok"))
+    ours = await serve_one(app, GET)
+    assert b"\r\nx-mixed-case: a\tb\xe9\r\n" in ours.sent
+    assert ours.sent == (await serve_one(app, GET, HttpToolsProtocol)).sent
 
 
 def echo_app(seen: list[Message]) -> Any:

@@ -40,7 +40,6 @@ import asyncio
 import http
 import logging
 import os
-import re
 import urllib.parse
 from collections import deque
 from typing import Any, cast
@@ -59,8 +58,9 @@ HIGH_WATER = 65_536
 
 log = logging.getLogger("tokyo_ia.server")
 
-_NAME_BAD = re.compile(b'[\x00-\x1f\x7f()<>@,;:\\[\\]={} \t\\\\"/?]')  # not an RFC 9110 token character
-_VALUE_BAD = re.compile(b"[\x00-\x08\x0a-\x1f\x7f]")
+_TOKEN = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyz"  # RFC 9110 token, lower-case
+_CONTROL = bytes([*range(0x09), *range(0x0A, 0x20), 0x7F])  # every control character but TAB
+_FIELD = b": ".join
 _STATUS = {s.value: b"HTTP/1.1 %d %s\r\n" % (s.value, s.phrase.encode()) for s in http.HTTPStatus}
 _DISCONNECT = {"type": "http.disconnect"}
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
@@ -478,32 +478,43 @@ class Exchange:
             protocol.answered(self)
 
     def _head(self, status: int, headers: Any) -> bytes:
-        """The status line and headers; sets how the body is framed."""
-        names = [name.lower() for name, _ in headers]
-        values = [value for _, value in headers]
-        if _NAME_BAD.search(b"".join(names)) or _VALUE_BAD.search(b"".join(values)):
-            raise RuntimeError("invalid HTTP header name or value in the response")
-        lines = [status_line(status), self.protocol.default_headers()]
+        """The status line and headers; sets how the body is framed.
+
+        Checked in C-speed passes over the whole set rather than header by header: every name
+        lower-case token characters (``_TOKEN``), no control character in any value except TAB
+        (``_CONTROL``: the only CR and LF left in the block are the line ends put there).
+        """
+        fields = dict(headers)
+        if b"" in fields:
+            raise RuntimeError("empty HTTP header name in the response")
+        if b"".join(fields).translate(None, _TOKEN):
+            headers = [(name.lower(), value) for name, value in headers]  # or not a token: below
+            fields = dict(headers)
+            if b"".join(fields).translate(None, _TOKEN):
+                raise RuntimeError("invalid HTTP header name in the response")
+        block = b"\r\n".join(map(_FIELD, headers))
+        if len(block) - len(block.translate(None, _CONTROL)) != 2 * max(len(headers) - 1, 0):
+            raise RuntimeError("invalid HTTP header value in the response")
         framed = False
-        for name, value in zip(names, values, strict=True):
-            if name == b"content-length":
-                if not value.isdigit():
-                    raise RuntimeError(f"invalid content-length {value!r} in the response")
-                self.left = int(value)
-                framed = True
-            elif name == b"transfer-encoding":
-                self.chunked = framed = value.lower() == b"chunked"
-            elif name == b"connection" and b"close" in [t.strip() for t in value.lower().split(b",")]:
-                self.keep_alive = False
-                lines.append(b"connection: close\r\n")
-                continue
-            lines += (name, b": ", value, b"\r\n")
-        if not self.keep_alive and b"connection" not in names:
-            lines.append(b"connection: close\r\n")
+        length = fields.get(b"content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise RuntimeError(f"invalid content-length {length!r} in the response")
+            self.left = int(length)
+            framed = True
+        encoding = fields.get(b"transfer-encoding")
+        if encoding is not None:
+            self.chunked = framed = encoding.lower() == b"chunked"
+        connection = fields.get(b"connection")
+        closes = connection is not None and b"close" in [t.strip() for t in connection.lower().split(b",")]
+        if closes:
+            self.keep_alive = False
+        extra = b"" if closes or self.keep_alive else b"connection: close\r\n"
         if status < 200 or status in (204, 304) or self.scope["method"] == "HEAD":
             self.bodiless = True
         elif not framed:
             self.chunked = True
-            lines.append(b"transfer-encoding: chunked\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+            extra += b"transfer-encoding: chunked\r\n"
+        if block:
+            block += b"\r\n"
+        return b"".join((status_line(status), self.protocol.default_headers(), block, extra, b"\r\n"))
