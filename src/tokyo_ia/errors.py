@@ -19,7 +19,7 @@ they enter the code base, never classified by their message.
           ├── RequestTooLargeError        413  body over the limit
           │    └── HeadersTooLargeError   431  request headers over the limit
           ├── RateLimitError              429  rate limited or over budget (.retry_after)
-          ├── UpstreamError               502  a provider failed (.retryable, .provider)
+          ├── UpstreamError               502  a provider failed (.retryable, .failover, .provider)
           │    ├── UpstreamBadRequestError 400 the provider rejected the request itself
           │    ├── UpstreamTimeoutError   504  a provider did not answer in time
           │    └── UpstreamRateLimitError 429  a provider throttled us (.retry_after)
@@ -125,11 +125,14 @@ class RateLimitError(GatewayError):
 
 
 class UpstreamError(GatewayError):
-    """A provider call failed. ``retryable`` says whether another attempt may succeed."""
+    """A provider call failed. ``retryable``: asking the same deployment again may succeed;
+    ``failover``: another deployment may succeed where this one failed (true of every failure
+    but the request itself being refused, :class:`UpstreamBadRequestError`)."""
 
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+    failover = True
 
     def __init__(
         self,
@@ -176,6 +179,7 @@ class UpstreamBadRequestError(UpstreamError):
     status = 400
     type = "invalid_request_error"
     code = "upstream_bad_request"
+    failover = False  # the same request would be refused by any deployment
 
 
 class NoHealthyDeploymentError(GatewayError):

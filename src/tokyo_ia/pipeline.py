@@ -439,7 +439,10 @@ class Pipeline:
     ) -> T:
         """Try each deployment in order, retrying retryable failures per its policy.
 
-        A non-retryable error (the caller's mistake, bad credentials) is returned at once.
+        A failure of the request itself (the upstream refused it as malformed: 400, 413, 422)
+        is returned at once; any other failure moves on to the next deployment, after the
+        retries its policy allows when it is retryable (a deployment's bad credentials or
+        unknown model are not worth asking again, but another deployment may answer).
         Counted in metrics: each retry, and each move to a later deployment because an earlier
         one failed or had its circuit open (a failover).
         """
@@ -465,9 +468,9 @@ class Pipeline:
                 except UpstreamError as exc:
                     if health is not None:
                         await health.record(deployment.label, exc, time.monotonic() - started)
-                    if not exc.retryable:
+                    if not exc.failover:  # the request itself was refused: no one will take it
                         raise
-                    delay = policy.delay(retry, exc, deadline - time.monotonic())
+                    delay = policy.delay(retry, exc, deadline - time.monotonic())  # None: not retryable
                     if delay is None:
                         failures.append((deployment, exc))
                         break

@@ -66,6 +66,11 @@ def _post(gw: GatewayProcess, model: str = "m") -> httpx.Response:
         ("error-500", {}),
         ("error-429", {}),  # with retry-after: failover does not wait for it
         ("slow-5000", {"timeout_s": 0.5}),  # hangs past the provider timeout
+        # Not worth asking the same deployment again, but another may answer:
+        ("gpt-4o-mini", {"api_key": "revoked-key"}),  # the emulator's own 401 for a wrong key
+        ("error-403", {}),
+        ("error-404", {}),  # the model is not (or no longer) at that provider
+        ("error-402", {}),  # the deployment's account cannot pay
     ],
 )
 def test_each_kind_of_upstream_failure_fails_over(
@@ -88,6 +93,53 @@ def test_each_kind_of_upstream_failure_fails_over(
     assert r.status_code == 200, r.text
     assert r.headers["x-tokyo-ia-provider"] == "good"
     assert r.headers["x-tokyo-ia-attempts"] == "2"
+
+
+@pytest.mark.parametrize("failing", ["error-400", "error-422"])
+def test_a_request_the_upstream_refuses_is_not_tried_elsewhere(
+    openai_emu: OpenAIEmulator, failing: str
+) -> None:
+    """The caller must change the request: any other deployment would refuse it as well."""
+    config = {
+        "auth": {"master_key": MASTER},
+        "providers": {"first": openai_provider(openai_emu.url), "second": openai_provider(openai_emu.url)},
+        "models": {
+            "m": [{"provider": "first", "model": failing}, {"provider": "second", "model": "gpt-4o-mini"}]
+        },
+        "resilience": {"health": {"active": False}},
+    }
+    with GatewayProcess(config) as gw:
+        r = _post(gw)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["message"].startswith(f"provider 'first' returned {failing[-3:]}")
+    assert (r.headers["x-tokyo-ia-provider"], r.headers["x-tokyo-ia-attempts"]) == ("first", "1")
+
+
+def test_when_every_deployment_refuses_the_gateways_credentials_each_is_named(
+    openai_emu: OpenAIEmulator,
+) -> None:
+    config = {
+        "auth": {"master_key": MASTER},
+        "providers": {
+            "a": openai_provider(openai_emu.url, api_key="revoked-a"),
+            "b": openai_provider(openai_emu.url, api_key="revoked-b"),
+        },
+        "models": {
+            "m": [{"provider": "a", "model": "gpt-4o-mini"}, {"provider": "b", "model": "gpt-4o-mini"}]
+        },
+        "resilience": {"health": {"active": False}},
+    }
+    with GatewayProcess(config) as gw:
+        r = _post(gw)
+        health = httpx.get(gw.url + "/admin/health", headers={"authorization": f"Bearer {MASTER}"}).json()
+    assert r.status_code == 503, r.text
+    message = r.json()["error"]["message"]
+    assert "check providers.a.api_key" in message and "check providers.b.api_key" in message
+    assert r.headers["x-tokyo-ia-attempts"] == "2"
+    for label in ("a/gpt-4o-mini", "b/gpt-4o-mini"):  # the operator sees why, per deployment
+        deployment = health["deployments"][label]
+        assert deployment["last_error"]["kind"] == "upstream_auth_failed"
+        assert deployment["circuit"] == "closed"  # not worth a retry, and not a sign of overload
 
 
 def test_breaker_goes_through_every_state(openai_emu: OpenAIEmulator) -> None:

@@ -124,16 +124,20 @@ def test_snapshot_classifies_outcomes(clock: FakeClock) -> None:
     stats.record(None, 0.2)
     stats.record(None, 0.2)
     stats.record(UpstreamTimeoutError("openai: no answer within 30s"), 30.0)
-    stats.record(UpstreamBadRequestError("context too long"), 0.1)  # the caller's fault: not counted
-    snap = stats.snapshot()
-    assert snap["requests"] == 4
-    assert snap["success_ratio"] == 0.75
-    assert snap["latency_ms"]["p50"] == pytest.approx(200, rel=0.03)
-    assert snap["last_error"] == {
+    assert stats.snapshot()["last_error"] == {
         "kind": "timeout",
         "message": "openai: no answer within 30s",
         "at": "2023-11-14T22:13:20.000Z",
     }
+    # Not retryable, but the deployment's failure (the breakers leave it alone): counted.
+    stats.record(UpstreamError("openai returned 401: bad key", code="upstream_auth_failed"), 0.05)
+    stats.record(UpstreamBadRequestError("context too long"), 0.1)  # the caller's fault: not counted
+    stats.record(asyncio.CancelledError(), 0.1)  # the client left: not counted
+    snap = stats.snapshot()
+    assert snap["requests"] == 5
+    assert snap["success_ratio"] == 0.6
+    assert snap["latency_ms"]["p50"] == pytest.approx(200, rel=0.03)
+    assert snap["last_error"]["kind"] == "upstream_auth_failed"
 
 
 # -- monitor -------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from .breaker import JSON, Breakers, Clock, counts_as_failure, failure_kind
+from ..errors import UpstreamError
+from .breaker import JSON, Breakers, Clock, failure_kind
 
 if TYPE_CHECKING:  # runtime imports would cycle through config.py, which may import this module
     from redis.asyncio import Redis
@@ -122,10 +123,13 @@ class HealthStats:
         self.last_error = {"kind": kind, "message": message[:500], "at": wall_iso(self._wall())}
 
     def record(self, error: BaseException | None, latency_s: float) -> None:
-        """Classify an outcome like the breakers do; caller errors are not counted at all."""
+        """Count an outcome. Every failure of the deployment counts, also those the breakers
+        leave alone because asking again would not help (its credentials refused, its model
+        unknown there: :attr:`~tokyo_ia.errors.UpstreamError.failover`); the request itself
+        being refused, and cancelled calls, are not counted at all."""
         if error is None:
             self.record_success(latency_s)
-        elif counts_as_failure(error):
+        elif isinstance(error, UpstreamError) and error.failover:
             self.record_failure(failure_kind(error), str(error))
 
     def counts(self) -> tuple[int, int]:
