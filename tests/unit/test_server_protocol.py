@@ -419,6 +419,17 @@ async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() -
     assert connection.transport.closed
 
 
+async def test_a_connection_that_never_sends_a_request_is_closed_after_the_keep_alive_timeout() -> None:
+    silent = Connection(reply_with(), keep_alive_s=0.05)
+    slow = Connection(reply_with(), keep_alive_s=0.05)
+    await slow.feed(b"GET /x HTTP/1.1\r\n")  # headers under way: not idle
+    await asyncio.sleep(0.03)
+    assert not silent.transport.closed
+    await asyncio.sleep(0.05)
+    assert silent.transport.closed
+    assert not slow.transport.closed
+
+
 async def test_shutdown_closes_an_idle_connection_and_a_busy_one_after_its_answer() -> None:
     idle = Connection(reply_with(start(200, (b"content-length", b"2")), body(b"ok")))
     await idle.feed(GET)

@@ -10,8 +10,9 @@ is one timer per connection that re-arms itself), a request body handed over wit
 when it is already here, response headers checked with one pattern search for all names and
 one for all values.
 
-What it guarantees, as uvicorn does: keep-alive and pipelined requests answered in order
-(reading pauses while one waits), HTTP/1.0 and ``connection: close`` close after the answer,
+What it guarantees, as uvicorn does: keep-alive (a connection idle for ``timeout_keep_alive``
+seconds, 5 by default, is closed; unlike uvicorn, also one that never sent a request),
+pipelined requests answered in order (reading pauses while one waits), HTTP/1.0 and ``connection: close`` close after the answer,
 ``Expect: 100-continue`` answered when the app first reads the body, HEAD answered without a
 body, 204/304 without framing, a body held to the ``content-length`` the app declared (a
 mismatch closes the connection rather than send a frame that contradicts its header), an app
@@ -106,7 +107,7 @@ class HttpProtocol(asyncio.Protocol):
         self.reading = True
         self.write_paused = False
         self.drains: list[asyncio.Future[None]] = []
-        self.idle_since: float | None = None  # keep-alive: when the last answer ended, if no data since
+        self.idle_since: float | None = None  # when it went idle (opened, or an answer ended), no data since
         self.idle_timer: asyncio.TimerHandle | None = None
         self.defaults: tuple[object, bytes] = (None, b"")  # server_state.default_headers, rendered
         # Per request, while it is parsed:
@@ -124,6 +125,7 @@ class HttpProtocol(asyncio.Protocol):
         self.server = get_local_addr(self.transport)  # type: ignore[assignment]
         self.client = get_remote_addr(self.transport)
         self.scheme = "https" if is_ssl(self.transport) else "http"
+        self._idle()  # a connection that never sends a request is closed like an idle one
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server_state.connections.discard(self)
@@ -282,6 +284,9 @@ class HttpProtocol(asyncio.Protocol):
             self.resume_reading()
             return
         self.resume_reading()
+        self._idle()
+
+    def _idle(self) -> None:
         self.idle_since = self.loop.time()
         if self.idle_timer is None:
             self.idle_timer = self.loop.call_later(self.keep_alive_s, self._idle_check)
