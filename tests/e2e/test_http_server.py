@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
+import httpx
 import orjson
 import pytest
 
@@ -87,3 +88,23 @@ def test_a_stream_and_connection_close(gw: GatewayProcess) -> None:
             {"status": "live"},
         )
         assert sock.recv(1) == b""  # closed by the server
+
+
+def test_large_bodies_arrive_whole_with_reading_paused_and_resumed() -> None:
+    """Bodies many times the protocol's read pause threshold (64 KiB), back to back on one
+    connection, in pieces as the socket delivers them."""
+    config = {
+        "server": {"max_body_bytes": 8 * 1024 * 1024},
+        "providers": {"demo": {"kind": "demo"}},
+        "models": {"demo": [{"provider": "demo", "model": "demo"}]},
+    }
+    with GatewayProcess(config) as process, httpx.Client(base_url=process.url, timeout=30) as client:
+        for size in (3_000_000, 5_000_000):
+            text = "y" * size
+            r = client.post(
+                "/v1/chat/completions",
+                json={"model": "demo", "messages": [{"role": "user", "content": text}]},
+            )
+            assert r.status_code == 200, r.text
+            # the demo model counts ceil(characters / 4) (+4 per message) prompt tokens
+            assert r.json()["usage"]["prompt_tokens"] >= size // 4
