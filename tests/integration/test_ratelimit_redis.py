@@ -67,13 +67,22 @@ async def test_same_decisions_as_the_memory_backend(redis_client: Redis, prefix:
         (30, "acquire", 900),
         (0, "charge", 10**7),
         (1, "acquire", 0),
+        (0, "refund", 400),
+        (0, "acquire", 500),
+        (0, "refund", 10**7),  # never fuller than full
+        (0, "acquire", 1000),
         (500, "acquire", 1000),
+        (0, "refund", 1000),
     ]
     for advance, action, tokens in steps:
         clock.now += advance
         if action == "charge":
             await memory.add_tokens("key:a", limits, tokens)
             await redis_rl.add_tokens("key:a", limits, tokens)
+            continue
+        if action == "refund":
+            await memory.refund("key:a", limits, tokens)
+            await redis_rl.refund("key:a", limits, tokens)
             continue
         expected = await memory.acquire("key:a", limits, tokens)
         got = await redis_rl.acquire("key:a", limits, tokens)
@@ -85,14 +94,15 @@ async def test_admission_gives_the_same_answers_as_with_memory(redis_client: Red
     clock = FakeClock()
     memory = Admission(MemoryRateLimiter(clock=clock), Limits(rpm=4))
     shared = Admission(RedisRateLimiter(redis_client, key_prefix=prefix, clock=clock), Limits(rpm=4))
-    keys = [Principal("a", "a", rpm=3, tpm=1000), Principal("b", "b")]
+    # "c" has room when the global limit refuses it: both give its request back to its scope.
+    keys = [Principal("a", "a", rpm=3, tpm=1000), Principal("b", "b"), Principal("c", "c", rpm=2, tpm=5000)]
     body = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}]}
     for i in range(10):
         clock.now += 4 * (i % 3)
         answers: list[object] = []
         for admission in (memory, shared):
             try:
-                admitted = await admission.admit(keys[i % 2], body)
+                admitted = await admission.admit(keys[i % 3], body)
             except RateLimitError as exc:
                 answers.append((exc.message, exc.headers))
             else:

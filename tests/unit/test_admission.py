@@ -66,7 +66,7 @@ async def test_headers_come_from_the_key_and_match_its_decision() -> None:
     assert nothing.headers() == []
 
 
-async def test_refusals_counted_by_scope_and_the_key_still_charged_when_global_refuses() -> None:
+async def test_refusals_counted_by_scope_and_a_refused_request_counts_nowhere() -> None:
     refusals = _Refusals()
     limiter = MemoryRateLimiter(clock=FakeClock())
     admission = Admission(limiter, Limits(rpm=2), metrics=refusals)  # type: ignore[arg-type]
@@ -80,8 +80,28 @@ async def test_refusals_counted_by_scope_and_the_key_still_charged_when_global_r
         await admission.admit(other, BODY)
     assert info.value.retry_after == pytest.approx(30.0)
     assert refusals.scopes == ["key", "global"]
-    # Scopes are checked one after the other: the key's request was counted before the refusal.
-    assert (await limiter.acquire("key:k10", Limits(rpm=5))).remaining_requests == 3
+    # The key had room and counted the request; the global refusal made it give it back.
+    assert (await limiter.acquire("key:k10", Limits(rpm=5))).remaining_requests == 4
+
+
+@pytest.mark.parametrize("slots", [False, True], ids=["plain-calls", "with-slots"])
+async def test_a_request_the_global_limit_refuses_gives_back_the_keys_request_and_tokens(slots: bool) -> None:
+    """Both admission paths: plain calls (memory, no slots) and the backend's coroutines."""
+    clock = FakeClock()
+    limiter = MemoryRateLimiter(clock=clock)
+    admission = Admission(limiter, Limits(rpm=1))
+    key = Principal("k12", "l", rpm=10, tpm=10_000, max_parallel=5 if slots else None)
+    first = await admission.admit(key, BODY)
+    await first.release()
+    for _ in range(3):
+        with pytest.raises(RateLimitError, match="global limit"):
+            await admission.admit(key, BODY)
+    decision = await limiter.acquire("key:k12", Limits(rpm=10, tpm=10_000), first.tokens)
+    assert decision.remaining_requests == 8  # the first request and this one: the refused gave back
+    assert decision.remaining_tokens == 10_000 - 2 * first.tokens
+    if slots:
+        async with limiter.parallel("key:k12", 1):  # the refused requests hold no slot
+            pass
 
 
 async def test_an_edited_key_gets_its_new_limits() -> None:

@@ -129,9 +129,12 @@ class Admission:
             await self._acquire(plan.scopes, admitted)
             return admitted
         # Plain calls, in the same order and with the same effects as ``_acquire``.
-        for meter in plan.metered:
+        for i, meter in enumerate(plan.metered):
             outcome = take(meter.scope, meter.limits, tokens)
             if not outcome.allowed:
+                assert self._memory is not None  # ``take`` is its method
+                for earlier in plan.metered[:i]:  # refused: the scopes that counted it give it back
+                    self._memory.give_back(earlier.scope, earlier.limits, tokens)
                 self._refused(meter.label)
                 raise rate_limit_error(meter.decision(tokens, outcome))
             if admitted._meter is None:
@@ -147,15 +150,20 @@ class Admission:
         return plan
 
     async def _acquire(self, scopes: tuple[Meter, ...], admitted: Admitted) -> None:
-        """Each scope through the backend's coroutines, taking its concurrency slot if any."""
+        """Each scope through the backend's coroutines, taking its concurrency slot if any.
+
+        A scope that refuses undoes what the ones before it took: their slots are released and
+        the request and its tokens given back, so a refused request counts nowhere."""
+        counted: list[Meter] = []
         for meter in scopes:
             limits = meter.limits
             if limits.metered:
                 decision = await self.limiter.acquire(meter.scope, limits, admitted.tokens)
                 if not decision.allowed:
-                    await admitted.release()
+                    await self._undo(admitted, counted)
                     self._refused(meter.label)
                     raise rate_limit_error(decision)
+                counted.append(meter)
                 if admitted._decision is None:
                     admitted._decision = decision
             if limits.max_parallel is not None:
@@ -166,10 +174,18 @@ class Admission:
                         self.limiter.parallel(meter.scope, limits.max_parallel)
                     )
                 except BaseException as exc:
-                    await admitted.release()
+                    await self._undo(admitted, counted)
                     if isinstance(exc, RateLimitError):
                         self._refused(meter.label)
                     raise
+
+    async def _undo(self, admitted: Admitted, counted: list[Meter]) -> None:
+        """Release the slots taken and give back the request to the scopes that counted it."""
+        try:
+            await admitted.release()
+        finally:
+            for meter in counted:
+                await self.limiter.refund(meter.scope, meter.limits, admitted.tokens)
 
     def _refused(self, label: str) -> None:
         if self.metrics is not None:

@@ -103,6 +103,10 @@ class RateLimiter(Protocol):
         """Charge tokens known after the response (negative refunds an over-estimate)."""
         ...
 
+    async def refund(self, scope: str, limits: Limits, tokens: int = 0) -> None:
+        """Give back a request ``acquire`` counted (and its ``tokens``): a later scope refused it."""
+        ...
+
     def parallel(self, scope: str, max_parallel: int | None) -> AbstractAsyncContextManager[None]:
         """Hold one of ``max_parallel`` slots for the body; raise RateLimitError when none is free."""
         ...
@@ -149,6 +153,20 @@ def evaluate(
         by: RefusedBy = "tokens" if wait_t > wait_r else "requests"
         return Outcome(False, by, tat_r - now, tat_t - now, max(wait_r, wait_t)), tat_r, tat_t
     return Outcome(True, None, new_r - now, new_t - now, None), new_r, new_t
+
+
+def refund(now: float, tat_r: float, tat_t: float, limits: Limits, tokens: int) -> tuple[float, float]:
+    """The TATs after giving back one admitted request and its ``tokens`` (never below ``now``:
+    a bucket cannot be fuller than full)."""
+    if limits.rpm is not None:
+        tat_r -= PERIOD_S / limits.rpm
+        if tat_r < now:
+            tat_r = now
+    if limits.tpm is not None and tokens > 0:
+        tat_t -= tokens * PERIOD_S / limits.tpm
+        if tat_t < now:
+            tat_t = now
+    return tat_r, tat_t
 
 
 def charge(now: float, tat_t: float, tpm: int, tokens: int) -> float:
@@ -244,6 +262,15 @@ class MemoryRateLimiter:
         if self._ops >= self._sweep_every:
             self._sweep(now)
         return outcome
+
+    async def refund(self, scope: str, limits: Limits, tokens: int = 0) -> None:
+        self.give_back(scope, limits, tokens)
+
+    def give_back(self, scope: str, limits: Limits, tokens: int = 0) -> None:
+        """:meth:`refund` as a plain call."""
+        state = self._state.get(scope)
+        if state is not None:
+            state[0], state[1] = refund(self._clock(), state[0], state[1], limits, tokens)
 
     def charge_tokens(self, scope: str, limits: Limits, tokens: int) -> None:
         """:meth:`add_tokens` as a plain call."""

@@ -97,6 +97,23 @@ return 1
 """
 )
 
+# ARGV: now, period_ms, rpm (0 = none), tpm (0 = none), tokens. Mirrors ratelimit.refund.
+_REFUND_LUA = (
+    NOW_LUA
+    + """
+local period = tonumber(ARGV[2])
+local rpm, tpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local st = redis.call('HMGET', KEYS[1], 'r', 't')
+if not st[1] and not st[2] then return 0 end
+local tat_r = tonumber(st[1]) or now
+local tat_t = tonumber(st[2]) or now
+if rpm > 0 then tat_r = math.max(tat_r - period / rpm, now) end
+if tpm > 0 and tokens > 0 then tat_t = math.max(tat_t - tokens * period / tpm, now) end
+redis.call('HSET', KEYS[1], 'r', tostring(tat_r), 't', tostring(tat_t))
+return 1
+"""
+)
+
 # ARGV: now, lease_ms, max_parallel, member. Returns {admitted, in_flight, ms until a lease ends}.
 _SLOT_LUA = (
     NOW_LUA
@@ -153,6 +170,7 @@ class RedisRateLimiter:
         self._owns_client = owns_client
         self._acquire = client.register_script(_ACQUIRE_LUA)
         self._charge = client.register_script(_CHARGE_LUA)
+        self._refund = client.register_script(_REFUND_LUA)
         self._slot = client.register_script(_SLOT_LUA)
         self._renew = client.register_script(_RENEW_LUA)
         self._background: set[asyncio.Task[None]] = set()
@@ -198,6 +216,15 @@ class RedisRateLimiter:
         args = [now_ms(self._clock), _PERIOD_MS, limits.tpm, tokens, MAX_DEBT_PERIODS * _PERIOD_MS]
         try:
             await self._charge(keys=[self.key(scope)], args=args)
+        except RedisError as exc:
+            self._failed(exc)
+
+    async def refund(self, scope: str, limits: Limits, tokens: int = 0) -> None:
+        if not limits.metered or not self.available:
+            return
+        args = [now_ms(self._clock), _PERIOD_MS, limits.rpm or 0, limits.tpm or 0, tokens]
+        try:
+            await self._refund(keys=[self.key(scope)], args=args)
         except RedisError as exc:
             self._failed(exc)
 
