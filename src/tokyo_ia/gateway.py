@@ -24,8 +24,9 @@ from .providers.base import Provider
 from .resilience.admission import Admission
 from .resilience.breaker import BreakerBoard, Breakers
 from .resilience.health import ActiveHealthChecker, HealthMonitor, ProbeLease
-from .resilience.ratelimit import Limits, MemoryRateLimiter, ProviderThrottle, RateLimiter
+from .resilience.ratelimit import Limits, MemoryRateLimiter, RateLimiter
 from .resilience.retry import RetryPolicy
+from .resilience.throttle import ProviderThrottle
 from .routing.catalog import Catalog
 from .security.audit import AuditWriter
 from .security.auth import Authenticator

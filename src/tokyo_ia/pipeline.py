@@ -53,8 +53,8 @@ from .providers.base import JSON, ChatCall, EmbedCall
 from .providers.base import aclose as _aclose
 from .resilience.admission import Admission, Admitted
 from .resilience.health import HealthMonitor
-from .resilience.ratelimit import ProviderThrottle
 from .resilience.retry import RetryPolicy
+from .resilience.throttle import ProviderThrottle
 from .routing.catalog import Catalog, Deployment
 from .schema.chat import validate_chat, validate_embeddings, wants_usage
 from .security.audit import AuditEvent, AuditWriter

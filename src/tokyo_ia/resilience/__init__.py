@@ -12,7 +12,6 @@ from .ratelimit import (
     Decision,
     Limits,
     MemoryRateLimiter,
-    ProviderThrottle,
     RateLimiter,
     build_rate_limiter,
     estimate_tokens,
@@ -21,6 +20,7 @@ from .ratelimit import (
     parallel_error,
     rate_limit_error,
 )
+from .throttle import ProviderThrottle
 
 if TYPE_CHECKING:
     from .ratelimit_redis import RedisRateLimiter
