@@ -50,6 +50,16 @@ def test_breaker_opens_and_traffic_skips_the_broken_deployment(openai_emu: OpenA
         assert httpx.get(gw.url + "/admin/health").status_code == 401
 
 
+def _pair(first: dict[str, Any], first_model: str, second: dict[str, Any]) -> dict[str, Any]:
+    """A config whose model "m" is provider "a" (``first_model``), then "b" (gpt-4o-mini)."""
+    return {
+        "auth": {"master_key": MASTER},
+        "providers": {"a": first, "b": second},
+        "models": {"m": [{"provider": "a", "model": first_model}, {"provider": "b", "model": "gpt-4o-mini"}]},
+        "resilience": {"health": {"active": False}},
+    }
+
+
 def _post(gw: GatewayProcess, model: str = "m") -> httpx.Response:
     return httpx.post(
         gw.url + "/v1/chat/completions",
@@ -77,21 +87,11 @@ def test_each_kind_of_upstream_failure_fails_over(
     openai_emu: OpenAIEmulator, failing: str, extra: dict[str, Any]
 ) -> None:
     url = f"http://127.0.0.1:{free_port()}" if failing == "refused" else openai_emu.url
-    config = {
-        "auth": {"master_key": MASTER},
-        "providers": {
-            "bad": openai_provider(url, max_retries=0, **extra),
-            "good": openai_provider(openai_emu.url),
-        },
-        "models": {
-            "m": [{"provider": "bad", "model": failing}, {"provider": "good", "model": "gpt-4o-mini"}]
-        },
-        "resilience": {"health": {"active": False}},
-    }
+    config = _pair(openai_provider(url, max_retries=0, **extra), failing, openai_provider(openai_emu.url))
     with GatewayProcess(config) as gw:
         r = _post(gw)
     assert r.status_code == 200, r.text
-    assert r.headers["x-tokyo-ia-provider"] == "good"
+    assert r.headers["x-tokyo-ia-provider"] == "b"
     assert r.headers["x-tokyo-ia-attempts"] == "2"
 
 
@@ -100,35 +100,23 @@ def test_a_request_the_upstream_refuses_is_not_tried_elsewhere(
     openai_emu: OpenAIEmulator, failing: str
 ) -> None:
     """The caller must change the request: any other deployment would refuse it as well."""
-    config = {
-        "auth": {"master_key": MASTER},
-        "providers": {"first": openai_provider(openai_emu.url), "second": openai_provider(openai_emu.url)},
-        "models": {
-            "m": [{"provider": "first", "model": failing}, {"provider": "second", "model": "gpt-4o-mini"}]
-        },
-        "resilience": {"health": {"active": False}},
-    }
-    with GatewayProcess(config) as gw:
+    with GatewayProcess(
+        _pair(openai_provider(openai_emu.url), failing, openai_provider(openai_emu.url))
+    ) as gw:
         r = _post(gw)
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["message"].startswith(f"provider 'first' returned {failing[-3:]}")
-    assert (r.headers["x-tokyo-ia-provider"], r.headers["x-tokyo-ia-attempts"]) == ("first", "1")
+    assert r.json()["error"]["message"].startswith(f"provider 'a' returned {failing[-3:]}")
+    assert (r.headers["x-tokyo-ia-provider"], r.headers["x-tokyo-ia-attempts"]) == ("a", "1")
 
 
 def test_when_every_deployment_refuses_the_gateways_credentials_each_is_named(
     openai_emu: OpenAIEmulator,
 ) -> None:
-    config = {
-        "auth": {"master_key": MASTER},
-        "providers": {
-            "a": openai_provider(openai_emu.url, api_key="revoked-a"),
-            "b": openai_provider(openai_emu.url, api_key="revoked-b"),
-        },
-        "models": {
-            "m": [{"provider": "a", "model": "gpt-4o-mini"}, {"provider": "b", "model": "gpt-4o-mini"}]
-        },
-        "resilience": {"health": {"active": False}},
-    }
+    config = _pair(
+        openai_provider(openai_emu.url, api_key="revoked-a"),
+        "gpt-4o-mini",
+        openai_provider(openai_emu.url, api_key="revoked-b"),
+    )
     with GatewayProcess(config) as gw:
         r = _post(gw)
         health = httpx.get(gw.url + "/admin/health", headers={"authorization": f"Bearer {MASTER}"}).json()

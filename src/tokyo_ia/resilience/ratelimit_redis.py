@@ -50,15 +50,21 @@ from .ratelimit import (
 
 log = logging.getLogger("tokyo_ia.ratelimit")
 
+# The arguments and the state the acquire and refund scripts start from.
 # ARGV: now, period_ms, rpm (0 = none), tpm (0 = none), tokens.
-# Returns {allowed, refused (0 none, 1 requests, 2 tokens), reset_r_ms, reset_t_ms, retry_ms or -1}.
-_ACQUIRE_LUA = (
+_SCOPE_LUA = (
     NOW_LUA
     + """
 local period = tonumber(ARGV[2])
 local rpm, tpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local st = redis.call('HMGET', KEYS[1], 'r', 't')
-local tat_r = math.max(tonumber(st[1]) or now, now)
+"""
+)
+
+# Returns {allowed, refused (0 none, 1 requests, 2 tokens), reset_r_ms, reset_t_ms, retry_ms or -1}.
+_ACQUIRE_LUA = (
+    _SCOPE_LUA
+    + """local tat_r = math.max(tonumber(st[1]) or now, now)
 local tat_t = math.max(tonumber(st[2]) or now, now)
 local new_r, new_t, wait_r, wait_t = tat_r, tat_t, 0, 0
 if rpm > 0 then
@@ -97,14 +103,10 @@ return 1
 """
 )
 
-# ARGV: now, period_ms, rpm (0 = none), tpm (0 = none), tokens. Mirrors ratelimit.refund.
+# Mirrors ratelimit.refund; a scope with no state (a full bucket) stays as it is.
 _REFUND_LUA = (
-    NOW_LUA
-    + """
-local period = tonumber(ARGV[2])
-local rpm, tpm, tokens = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local st = redis.call('HMGET', KEYS[1], 'r', 't')
-if not st[1] and not st[2] then return 0 end
+    _SCOPE_LUA
+    + """if not st[1] and not st[2] then return 0 end
 local tat_r = tonumber(st[1]) or now
 local tat_t = tonumber(st[2]) or now
 if rpm > 0 then tat_r = math.max(tat_r - period / rpm, now) end
