@@ -71,6 +71,9 @@ class ServerConfig(_Strict):
         DEFAULT_MAX_HEADER_BYTES, ge=1024, description="request line + headers; more gets 431"
     )
     graceful_timeout_s: float = Field(30.0, ge=0)
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="the longest a request may take, retries, failover and a stream included"
+    )
     insecure: bool = False
     tls_cert: str | None = Field(None, description="PEM certificate (chain): serve HTTPS")
     tls_key: str | None = Field(None, description="PEM private key of tls_cert")

@@ -110,6 +110,7 @@ class Gateway:
                 if p.rpm or p.tpm
             },
             throttle_wait_s={name: p.throttle_wait_s for name, p in config.providers.items()},
+            deadline_s=config.server.request_timeout_s,
             health=self.health,
             audit=self.audit,
             ledger=self.ledger,

@@ -177,3 +177,19 @@ def test_breaker_goes_through_every_state(openai_emu: OpenAIEmulator) -> None:
             health = httpx.get(gw.url + "/admin/health", headers={"authorization": f"Bearer {MASTER}"}).json()
             times = health["deployments"]["primary/gpt-4o-mini"]["time_in_state_s"]
             assert set(times) >= {"closed", "open", "half_open"}
+
+
+def test_the_request_timeout_bounds_the_whole_request(openai_emu: OpenAIEmulator) -> None:
+    """server.request_timeout_s cuts a slow call short and no deployment is tried after it."""
+    config = _pair(
+        openai_provider(openai_emu.url, timeout_s=30), "slow-5000", openai_provider(openai_emu.url)
+    )
+    config["server"] = {"request_timeout_s": 0.5}
+    with GatewayProcess(config) as gw:
+        started = time.monotonic()
+        r = _post(gw)
+        elapsed = time.monotonic() - started
+    assert r.status_code == 504, r.text
+    assert "server.request_timeout_s" in r.json()["error"]["message"]
+    assert (r.headers["x-tokyo-ia-provider"], r.headers["x-tokyo-ia-attempts"]) == ("a", "1")
+    assert elapsed < 4  # the slow model answers after 5 s; the call was cut at 0.5

@@ -159,7 +159,7 @@ class HTTPTransport:
         if isinstance(exc, TimeoutError):
             return UpstreamTimeoutError(
                 f"{where} did not answer in time ({exc}); raise providers.{self.provider}.timeout_s "
-                "or try again",
+                "(or server.request_timeout_s, the limit for the whole request) or try again",
                 provider=self.provider,
             )
         if isinstance(exc, ConnectError):
