@@ -5,6 +5,7 @@ the answer is well formed, the bytes are compared with what uvicorn's own protoc
 from __future__ import annotations
 
 import asyncio
+import random
 from typing import Any
 
 import orjson
@@ -405,27 +406,27 @@ async def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not() -
         await send(start(200, (b"content-length", b"2")))
         await send(body(b"ok"))
 
-    connection = Connection(app, keep_alive_s=0.05)
+    # Timers fire late, never early: "closed" is checked after waiting well past the timeout,
+    # "not closed" right after an event, half a second before the timeout could close it.
+    connection = Connection(app, keep_alive_s=0.5)
     await connection.feed(GET)
-    await asyncio.sleep(0.02)
-    await connection.feed(b"GET /slow HTTP/1.1\r\nhost: t\r\n\r\n")  # in flight past the first timeout
     await asyncio.sleep(0.1)
+    await connection.feed(b"GET /slow HTTP/1.1\r\nhost: t\r\n\r\n")  # in flight past the first timeout
+    await asyncio.sleep(0.6)
     assert not connection.transport.closed
     release.set()
     await settle()
-    await asyncio.sleep(0.03)
-    assert not connection.transport.closed  # idle for less than the timeout
-    await asyncio.sleep(0.06)
+    assert not connection.transport.closed  # idle since just now
+    await asyncio.sleep(0.7)
     assert connection.transport.closed
 
 
 async def test_a_connection_that_never_sends_a_request_is_closed_after_the_keep_alive_timeout() -> None:
-    silent = Connection(reply_with(), keep_alive_s=0.05)
-    slow = Connection(reply_with(), keep_alive_s=0.05)
+    silent = Connection(reply_with(), keep_alive_s=0.5)
+    slow = Connection(reply_with(), keep_alive_s=0.5)
     await slow.feed(b"GET /x HTTP/1.1\r\n")  # headers under way: not idle
-    await asyncio.sleep(0.03)
     assert not silent.transport.closed
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0.7)
     assert silent.transport.closed
     assert not slow.transport.closed
 
@@ -501,3 +502,43 @@ async def test_the_scope_is_what_the_app_reads() -> None:
     assert scope["headers"] == [(b"host", b"t"), (b"x-api-key", b"k"), (b"content-length", b"0")]
     assert scope["client"] == ("127.0.0.1", 5555) and scope["server"] == ("127.0.0.1", 8080)
     assert scope["scheme"] == "http"
+
+
+PIPELINE = (
+    b"POST /a HTTP/1.1\r\nhost: t\r\ncontent-length: 5\r\n\r\nhello"
+    b"POST /b HTTP/1.1\r\nhost: t\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    b"GET /c?q=1 HTTP/1.1\r\nhost: t\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("step", [1, 2, 7, 13, 64, len(PIPELINE)])
+async def test_pipelined_requests_split_anywhere_give_the_same_exchanges(step: int) -> None:
+    """However the socket cuts the bytes (one at a time included), the app sees the same
+    requests and the client gets the same answers, in order."""
+    seen: list[Message] = []
+    connection = Connection(echo_app(seen))
+    for start_at in range(0, len(PIPELINE), step):
+        await connection.feed(PIPELINE[start_at : start_at + step], turns=3)
+    await settle()
+    assert [(s["path"], b"".join(m["body"] for m in s["messages"])) for s in seen] == [
+        ("/a", b"hello"),
+        ("/b", b"abcde"),
+        ("/c", b""),
+    ]
+    answers = connection.transport.sent.split(b"HTTP/1.1 200 OK\r\n")[1:]
+    assert [a.rpartition(b"\r\n\r\n")[2] for a in answers] == [b"/a", b"/b", b"/c"]
+    assert not connection.transport.closed and connection.transport.reading
+
+
+async def test_garbage_never_escapes_the_protocol() -> None:
+    """Random bytes after valid prefixes (seeded): every connection ends answered or closed,
+    nothing raises out of ``data_received``, and what is written is whole HTTP answers."""
+    rng = random.Random(7)
+    prefixes = [b"", b"GET / HTTP/1.1\r\n", b"POST /x HTTP/1.1\r\ncontent-length: 3\r\n\r\n", GET]
+    for _ in range(300):
+        connection = Connection(echo_app([]))
+        noise = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 80)))
+        await connection.feed(rng.choice(prefixes) + noise, turns=5)
+        sent = connection.transport.sent
+        assert sent == b"" or sent.startswith(b"HTTP/1.1 "), sent[:80]
+        connection.lose()
