@@ -210,6 +210,41 @@ async def test_rows_form_a_chain_that_verifies(sessions: Sessions) -> None:
     assert report == VerifyReport(ok=True, count=12, last_id=stored[-1].id, last_hash=stored[-1].hash)
 
 
+async def test_numbers_that_postgresql_would_respell_keep_the_chain_whole(sessions: Sessions) -> None:
+    """JSONB gives 1e16 back as 10000000000000000 (an int, another spelling): such numbers
+    (magnitude 1e16 and up, which orjson writes with an exponent) are kept as their text."""
+    detail = {"big": 1e16, "huge": -1.5e300, "list": [3e17, 2.5, 1e-7], "n": {"m": 12345678.9}, "i": 10**17}
+    writer = AuditWriter(sessions)
+    writer.record(AuditEvent(action="request", detail=detail))
+    writer.record(AuditEvent(action="request", detail={"after": True}))
+    await writer.close()
+    stored = await rows(sessions)
+    assert stored[0].detail == {
+        "big": "1e+16",
+        "huge": "-1.5e+300",
+        "list": ["3e+17", 2.5, 1e-7],
+        "n": {"m": 12345678.9},
+        "i": 10**17,
+    }
+    assert (await verify(sessions)).ok
+
+
+async def test_a_detail_that_cannot_be_hashed_again_is_reported_not_raised(
+    engine: AsyncEngine, sessions: Sessions
+) -> None:
+    """E.g. a row written before the above, whose 1e20 PostgreSQL gave back as a 21-digit int."""
+    stored = await write(sessions, 2)
+    await execute(
+        engine,
+        "UPDATE audit_log SET detail = :d WHERE id = :id",
+        d='{"x": 1' + "0" * 20 + "}",
+        id=stored[0].id,
+    )
+    report = await verify(sessions)
+    assert not report.ok and report.broken_id == stored[0].id
+    assert report.reason is not None and report.reason.startswith("content cannot be hashed again")
+
+
 class _Odd:
     def __str__(self) -> str:
         return "odd"

@@ -25,6 +25,7 @@ import functools
 import hashlib
 import ipaddress
 import logging
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -132,12 +133,36 @@ def _clamp(value: int | None) -> int | None:
 
 def _json_detail(detail: dict[str, Any] | None) -> tuple[Any, bytes]:
     """``detail`` as it will be read back, and its JSON (what orjson writes for that value
-    again); never raises, so one odd value cannot block a batch."""
+    again); never raises, so one odd value cannot block a batch.
+
+    Floats of magnitude 1e16 and more (orjson writes them with an exponent) are kept as their
+    JSON text: PostgreSQL's JSONB stores numbers as decimals and gives ``1e16`` back as
+    ``10000000000000000``, an int of another spelling (beyond 64 bits for larger ones), so the
+    row would no longer hash as it did when written.
+    """
     try:
         raw = orjson.dumps(detail or {}, default=str, option=orjson.OPT_NON_STR_KEYS)
     except orjson.JSONEncodeError as exc:
         raw = orjson.dumps({"unserialisable_detail": str(exc)[:200]})
-    return orjson.loads(raw), raw
+    value = orjson.loads(raw)
+    if _EXPONENT.search(raw):  # rare (also matches such text inside strings: then no change)
+        value = _big_floats_as_text(value)
+        raw = orjson.dumps(value)
+    return value, raw
+
+
+_EXPONENT = re.compile(rb"[0-9]e\+")
+"""A positive exponent, as orjson writes floats of magnitude 1e16 and more."""
+
+
+def _big_floats_as_text(value: Any) -> Any:
+    if isinstance(value, float):
+        return orjson.dumps(value).decode() if abs(value) >= 1e16 else value
+    if isinstance(value, dict):
+        return {k: _big_floats_as_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_big_floats_as_text(v) for v in value]
+    return value
 
 
 def _prepare(event: AuditEvent, sqlite: bool) -> tuple[tuple[Any, ...], bytes]:
@@ -281,7 +306,11 @@ def _stored(entry: AuditEntry) -> Row:
 
 def _check(entry: AuditEntry, prev_id: int | None, prev_hash: str) -> str | None:
     """Why ``entry`` breaks the chain, or None. Content is checked before the link."""
-    if row_hash(entry.prev_hash or "", _stored(entry)) != entry.hash:
+    try:
+        content_hash = row_hash(entry.prev_hash or "", _stored(entry))
+    except TypeError as exc:  # a detail JSON cannot spell again, e.g. an int past 64 bits
+        return f"content cannot be hashed again ({exc}): its detail is not what was written"
+    if content_hash != entry.hash:
         return "content changed: the stored hash does not match the record's fields"
     if entry.prev_hash == prev_hash:
         return None
