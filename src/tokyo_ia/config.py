@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 
 from .accounting.pricing import PriceSettings
 from .errors import ConfigError
@@ -238,6 +238,12 @@ class Config(_Strict):
     secrets: SecretsSettings = Field(default_factory=SecretsSettings)
     providers: dict[str, ProviderConfig] = Field(default_factory=dict)
     models: dict[str, list[DeploymentConfig]] = Field(default_factory=dict)
+    _credentials: Credentials | None = PrivateAttr(default=None)
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """Provider keys to read again every ``secrets.refresh_s`` (None: nothing can change)."""
+        return self._credentials
 
     @model_validator(mode="before")
     @classmethod
@@ -361,6 +367,41 @@ def _format_validation(exc: ValidationError, prefix: str = "") -> str:
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 
+class Credentials:
+    """The providers' ``api_key`` values that may change while the gateway runs (written with
+    ``${secret:NAME}`` or ``${file:/path}``), and how to read them again."""
+
+    def __init__(self, templates: dict[str, str], resolver: _Resolver, backend: SecretsBackend) -> None:
+        self.templates = templates  # provider name -> the api_key as written in the file
+        self._resolver = resolver
+        self._backend = backend
+
+    def read_all(self) -> dict[str, str | ConfigError]:
+        """Every such key as it is now, or why it cannot be read (blocking: call it in a worker
+        thread). The secrets backend reads its cached values again first; one that fails to is
+        kept by the backend (with a warning), so an outage of the secrets manager changes nothing."""
+        self._backend.refresh()
+        keys: dict[str, str | ConfigError] = {}
+        for name, template in self.templates.items():
+            try:
+                keys[name] = self._resolver.resolve(template, f"providers.{name}.api_key")
+            except ConfigError as exc:
+                keys[name] = exc
+        return keys
+
+
+def _credential_templates(data: dict[str, Any]) -> dict[str, str]:
+    providers = data.get("providers")
+    if not isinstance(providers, dict):
+        return {}
+    templates = {}
+    for name, section in providers.items():
+        key = section.get("api_key") if isinstance(section, dict) else None
+        if isinstance(key, str) and any(kind in ("secret", "file") for kind, _ in _REF.findall(key)):
+            templates[str(name)] = key
+    return templates
+
+
 def parse_config(data: Any, *, source: str = "<config>", environ: Mapping[str, str] | None = None) -> Config:
     """Validate an already-parsed mapping (references are resolved first)."""
     if data is None:
@@ -369,11 +410,16 @@ def parse_config(data: Any, *, source: str = "<config>", environ: Mapping[str, s
         raise ConfigError(f"{source}: the top level must be a mapping of sections (server, ...)")
     env = os.environ if environ is None else environ
     backend = _secrets_backend(data.get("secrets"), source, env)
-    resolved = _Resolver(backend, env).resolve(data, "")
+    resolver = _Resolver(backend, env)
+    resolved = resolver.resolve(data, "")
     try:
-        return Config.model_validate(resolved)
+        config = Config.model_validate(resolved)
     except ValidationError as exc:
         raise ConfigError(f"{source}: {_format_validation(exc)}") from None
+    templates = _credential_templates(data)
+    if templates:
+        config._credentials = Credentials(templates, resolver, backend)
+    return config
 
 
 def load_config(path: str | os.PathLike[str]) -> Config:

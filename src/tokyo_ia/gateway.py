@@ -32,6 +32,7 @@ from .security.audit import AuditWriter
 from .security.auth import Authenticator
 from .security.keycache import KeyCache
 from .security.keys import KeyService
+from .security.rotation import CredentialRotator
 from .store.db import check_schema, create_engine, session_factory
 from .store.inline import InlineSessions, sync_sqlite_url
 
@@ -89,6 +90,12 @@ class Gateway:
         self._report_circuits()
         self._pool_sampler: asyncio.Task[None] | None = None
         self.checker: ActiveHealthChecker | None = None
+        credentials, refresh_s = config.credentials, config.secrets.refresh_s
+        self.rotator = (
+            CredentialRotator(credentials, self.providers, refresh_s)
+            if credentials is not None and refresh_s > 0
+            else None
+        )
         prices = PriceTable.load(config.prices)
         self.cache = self._response_cache(config, prices)
         self.pipeline = Pipeline(
@@ -140,6 +147,8 @@ class Gateway:
             self.checker.start()
         if self.key_subscriber is not None:
             self.key_subscriber.start()
+        if self.rotator is not None:
+            self.rotator.start()
         self._pool_sampler = asyncio.create_task(self._sample_pools_every(POOL_SAMPLE_S))
         self.ready = True
 
@@ -217,6 +226,8 @@ class Gateway:
                 await self._pool_sampler
         if self.checker is not None:
             await self.checker.stop()
+        if self.rotator is not None:
+            await self.rotator.stop()
         if self.key_subscriber is not None:
             await self.key_subscriber.close()
         results = await asyncio.gather(*(p.close() for p in self.providers.values()), return_exceptions=True)

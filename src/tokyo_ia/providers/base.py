@@ -20,6 +20,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import SecretStr
+
 from ..config import ProviderConfig
 from ..errors import UnsupportedError
 
@@ -90,6 +92,10 @@ class Provider(ABC):
     def __init__(self, name: str, config: ProviderConfig) -> None:
         self.name = name
         self.config = config
+
+    def rotate_api_key(self, api_key: SecretStr) -> None:
+        """Use ``api_key`` for every call from now on (calls in flight keep the old one)."""
+        self.config = self.config.model_copy(update={"api_key": api_key})
 
     @property
     def endpoint(self) -> str | None:

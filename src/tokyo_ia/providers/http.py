@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
+from pydantic import SecretStr
 
 from ..config import ProviderConfig
 from ..errors import (
@@ -304,6 +305,14 @@ class HTTPProvider(Provider):
     def __init__(self, name: str, config: ProviderConfig) -> None:
         super().__init__(name, config)
         self.http = HTTPTransport(name, config, self._base_url(config))
+        self._set_headers(config)
+
+    def rotate_api_key(self, api_key: SecretStr) -> None:
+        config = self.config.model_copy(update={"api_key": api_key})
+        self._set_headers(config)  # a value that cannot be a header raises before anything changes
+        self.config = config
+
+    def _set_headers(self, config: ProviderConfig) -> None:
         headers = {
             "content-type": "application/json",
             "accept": "application/json",
@@ -311,12 +320,12 @@ class HTTPProvider(Provider):
         }
         headers.update(self._auth_headers(config))
         headers.update({k.lower(): v for k, v in config.headers.items()})
-        self._headers = headers
         try:  # encoded once: a call only adds its own few (trace context)
-            self._head = encode_headers(headers)
-            self._sse_head = encode_headers({**headers, "accept": "text/event-stream"})
+            head = encode_headers(headers)
+            sse_head = encode_headers({**headers, "accept": "text/event-stream"})
         except ValueError as exc:
-            raise ConfigError(f"providers.{name}.headers: {exc}") from None
+            raise ConfigError(f"providers.{self.name}.headers: {exc}") from None
+        self._headers, self._head, self._sse_head = headers, head, sse_head
 
     def _base_url(self, config: ProviderConfig) -> str:
         return config.base_url or self.default_base_url
