@@ -476,6 +476,22 @@ async def test_headers_past_the_limit_get_431_before_they_end(monkeypatch: pytes
     assert connection.transport.closed
 
 
+async def test_a_pipelined_request_after_a_large_body_is_not_taken_for_a_header_flood(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(LIMIT_ENV, "1024")
+    seen: list[Message] = []
+    connection = Connection(echo_app(seen))
+    big = b"x" * 20_000
+    # One read: a large body, then the first bytes of the next request's headers.
+    await connection.feed(
+        b"POST /big HTTP/1.1\r\nhost: t\r\ncontent-length: %d\r\n\r\n%s" % (len(big), big) + b"GET /next HT"
+    )
+    await connection.feed(b"TP/1.1\r\nhost: t\r\n\r\n")
+    assert [s["path"] for s in seen] == ["/big", "/next"]
+    assert b"431" not in connection.transport.sent and not connection.transport.closed
+
+
 async def test_an_upgrade_request_is_answered_as_http_and_the_connection_closed() -> None:
     request = b"GET /ws HTTP/1.1\r\nhost: t\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
     transport = await serve_one(reply_with(start(200, (b"content-length", b"2")), body(b"ok")), request)

@@ -115,6 +115,7 @@ class HttpProtocol(asyncio.Protocol):
         self.url = b""
         self.headers: list[tuple[bytes, bytes]] = []
         self.header_bytes: int | None = None  # counted while a request's headers are incomplete
+        self.begun = 0  # requests begun on this connection
         self.expect_continue = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------
@@ -144,6 +145,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.idle_since = None
+        begun = self.begun
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -152,7 +154,10 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._bad_request(exc)
             return
-        if self.header_bytes is not None and not self.transport.is_closing():
+        # Headers still incomplete: count this read, unless their request began inside it (a
+        # pipelined one after a body, say), where how much of it is theirs is not known: at
+        # most one read goes uncounted.
+        if self.header_bytes is not None and self.begun == begun and not self.transport.is_closing():
             self.header_bytes += len(data)
             if self.header_bytes > self.max_header_bytes:
                 self.header_bytes = None
@@ -171,6 +176,7 @@ class HttpProtocol(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.begun += 1
         self.url = b""
         self.headers = []
         self.header_bytes = 0
