@@ -162,9 +162,7 @@ def refund(now: float, tat_r: float, tat_t: float, limits: Limits, tokens: int) 
         if tat_r < now:
             tat_r = now
     if limits.tpm is not None and tokens > 0:
-        tat_t -= tokens * PERIOD_S / limits.tpm
-        if tat_t < now:
-            tat_t = now
+        tat_t = charge(now, tat_t, limits.tpm, -tokens)
     return tat_r, tat_t
 
 
