@@ -95,6 +95,13 @@ def counts_as_failure(error: BaseException | None) -> bool:
     return isinstance(error, UpstreamError) and error.retryable
 
 
+def deployment_failed(error: BaseException | None) -> bool:
+    """Whether an outcome is a failure of the deployment, worth asking again or not (its
+    credentials refused, its model unknown there): :attr:`UpstreamError.failover`. The health
+    statistics count these; the breakers only the :func:`counts_as_failure` among them."""
+    return isinstance(error, UpstreamError) and error.failover
+
+
 def failure_kind(error: BaseException) -> str:
     """A short, low-cardinality name for a failure (logs, metrics, ``last_error``)."""
     if isinstance(error, UpstreamTimeoutError):
@@ -411,6 +418,7 @@ __all__ = [
     "State",
     "Transition",
     "counts_as_failure",
+    "deployment_failed",
     "failure_kind",
     "notify",
 ]

@@ -34,8 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import UpstreamError
-from .breaker import JSON, Breakers, Clock, failure_kind
+from .breaker import JSON, Breakers, Clock, deployment_failed, failure_kind
 
 if TYPE_CHECKING:  # runtime imports would cycle through config.py, which may import this module
     from redis.asyncio import Redis
@@ -123,13 +122,12 @@ class HealthStats:
         self.last_error = {"kind": kind, "message": message[:500], "at": wall_iso(self._wall())}
 
     def record(self, error: BaseException | None, latency_s: float) -> None:
-        """Count an outcome. Every failure of the deployment counts, also those the breakers
-        leave alone because asking again would not help (its credentials refused, its model
-        unknown there: :attr:`~tokyo_ia.errors.UpstreamError.failover`); the request itself
-        being refused, and cancelled calls, are not counted at all."""
+        """Count an outcome. Every failure of the deployment counts (:func:`deployment_failed`),
+        also those the breakers leave alone; the request itself being refused, and cancelled
+        calls, are not counted at all."""
         if error is None:
             self.record_success(latency_s)
-        elif isinstance(error, UpstreamError) and error.failover:
+        elif deployment_failed(error):
             self.record_failure(failure_kind(error), str(error))
 
     def counts(self) -> tuple[int, int]:
