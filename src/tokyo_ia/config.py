@@ -371,16 +371,16 @@ class Credentials:
     """The providers' ``api_key`` values that may change while the gateway runs (written with
     ``${secret:NAME}`` or ``${file:/path}``), and how to read them again."""
 
-    def __init__(self, templates: dict[str, str], resolver: _Resolver, backend: SecretsBackend) -> None:
+    def __init__(self, templates: dict[str, str], resolver: _Resolver) -> None:
         self.templates = templates  # provider name -> the api_key as written in the file
         self._resolver = resolver
-        self._backend = backend
 
     def read_all(self) -> dict[str, str | ConfigError]:
         """Every such key as it is now, or why it cannot be read (blocking: call it in a worker
         thread). The secrets backend reads its cached values again first; one that fails to is
         kept by the backend (with a warning), so an outage of the secrets manager changes nothing."""
-        self._backend.refresh()
+        if self._resolver.secrets is not None:
+            self._resolver.secrets.refresh()
         keys: dict[str, str | ConfigError] = {}
         for name, template in self.templates.items():
             try:
@@ -418,7 +418,7 @@ def parse_config(data: Any, *, source: str = "<config>", environ: Mapping[str, s
         raise ConfigError(f"{source}: {_format_validation(exc)}") from None
     templates = _credential_templates(data)
     if templates:
-        config._credentials = Credentials(templates, resolver, backend)
+        config._credentials = Credentials(templates, resolver)
     return config
 
 

@@ -63,9 +63,9 @@ class CredentialRotator:
             if isinstance(value, ConfigError):
                 log.warning("secrets: not read again, the current key stays in use: %s", value)
                 continue
-            provider = self.providers.get(name)
-            current = provider.config.api_key if provider is not None else None
-            if provider is None or (current is not None and current.get_secret_value() == value):
+            provider = self.providers[name]  # templates come from the same providers section
+            current = provider.config.api_key
+            if current is not None and current.get_secret_value() == value:
                 continue
             try:
                 provider.rotate_api_key(SecretStr(value))
