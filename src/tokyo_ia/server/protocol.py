@@ -443,7 +443,7 @@ class Exchange:
         self.parts = []
         self.buffered = 0
         self.news = False
-        if not protocol.reading and protocol.active is self:
+        if not protocol.reading:
             protocol.resume_reading()
         return {"type": "http.request", "body": body, "more_body": self.more_body}
 
