@@ -74,12 +74,13 @@ def status_line(status: int) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d \r\n" % status
 
 
-def _error_response(status_text: bytes, exc: Exception) -> bytes:
+def _error_response(exc: Exception) -> bytes:
     """A gateway JSON error, whole, closing the connection (no request id: there is no request)."""
     status, _, body = render_error(exc, "-")
-    return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n%s" % (status, status_text, len(body), body)
+    return b"%scontent-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n%s" % (
+        status_line(status),
+        len(body),
+        body,
     )
 
 
@@ -161,7 +162,7 @@ class HttpProtocol(asyncio.Protocol):
             self.header_bytes += len(data)
             if self.header_bytes > self.max_header_bytes:
                 self.header_bytes = None
-                self._refuse(b"Request Header Fields Too Large", too_large(self.max_header_bytes))
+                self._refuse(too_large(self.max_header_bytes))
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -238,11 +239,8 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         exchange = self.parsing
-        if exchange is None or exchange.complete:
-            return
-        exchange.more_body = False
-        exchange.news = True
-        exchange.wake()
+        if exchange is not None and not exchange.complete:
+            exchange.body_ended()
 
     # -- flow -------------------------------------------------------------------------------
 
@@ -320,17 +318,16 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- refusals ---------------------------------------------------------------------------
 
-    def _refuse(self, status_text: bytes, exc: Exception) -> None:
+    def _refuse(self, exc: Exception) -> None:
         """Answer a request that never reaches the app, and close. While the app is answering
         another request on this connection, a second answer cannot be sent: just close."""
         if self.active is None:
-            self.transport.write(_error_response(status_text, exc))
+            self.transport.write(_error_response(exc))
         self.transport.close()
 
     def _bad_request(self, exc: Exception) -> None:
         log.warning("invalid HTTP request from %s: %s", self.client, exc)
         self._refuse(
-            b"Bad Request",
             InvalidRequestError(
                 f"the request is not valid HTTP/1.1 ({exc}); check what your client sends",
                 code="invalid_http",
@@ -345,9 +342,7 @@ class HttpProtocol(asyncio.Protocol):
                 exchange.keep_alive = False
         exchange = self.parsing
         if exchange is not None and exchange.more_body:
-            exchange.more_body = False
-            exchange.news = True
-            exchange.wake()
+            exchange.body_ended()
 
 
 class Exchange:
@@ -390,6 +385,12 @@ class Exchange:
         self.left = 0  # content-length bytes still to send (sized answers)
         self.complete = False  # the last byte is written
 
+    def body_ended(self) -> None:
+        """The request's body is all here: the app's next read says so."""
+        self.more_body = False
+        self.news = True
+        self.wake()
+
     def wake(self) -> None:
         waiter = self.waiter
         if waiter is not None:
@@ -416,7 +417,7 @@ class Exchange:
         """A 500 if nothing of the answer is on the wire yet (logged); otherwise cut the connection."""
         transport = self.protocol.transport
         if exc is not None and not transport.is_closing() and (self.head is not None or not self.started):
-            transport.write(_error_response(b"Internal Server Error", exc))
+            transport.write(_error_response(exc))
         elif exc is not None:
             log.error("the response failed after its first byte: %s", exc, exc_info=exc)
         self.complete = True
